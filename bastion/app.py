@@ -1,0 +1,484 @@
+"""The gateway: HTTP handlers, and the hot path that reads top to bottom.
+
+A POST goes auth → body → model → rate limit → credit → upstream (SPEC §1 order),
+then settles: the reservation becomes the actual cost, a ledger row is queued for
+the next group commit, unused tokens go back to the limiter. Nothing on this path
+waits on the database; keys and balances are in memory, refreshed in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+import uuid
+
+import orjson
+from aiohttp import web
+
+from bastion.auth import hash_key
+from bastion.config import Config, ModelConfig, UpstreamConfig
+from bastion.credit import CreditBook, LedgerWriter, Reservation
+from bastion.errors import APIError
+from bastion.metering import Usage, estimate_input, input_bound
+from bastion.metrics import Metrics
+from bastion.money import cost_nanos, format_usd
+from bastion.ratelimit import Decision, open_limiter
+from bastion.relay import Call, Relay
+from bastion.store import ApiKey, LedgerRow, Snapshot, open_store
+from bastion.validation import ClientRequest, parse
+
+log = logging.getLogger("bastion")
+
+_ENDPOINT_PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions"}
+
+
+class Gateway:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.store = open_store(config.database_url)
+        self.limiter = open_limiter(config.ratelimit.url)
+        self.book = CreditBook()
+        self.keys: dict[str, ApiKey] = {}
+        self.gateway_id = "gw_" + secrets.token_hex(6)
+        self.writer = LedgerWriter(
+            self.store, self.book, self._load, self.gateway_id, config.refresh_interval_s
+        )
+        self.relay = Relay(config.upstreams)
+        self.metrics = Metrics()
+        self.outstanding = dict.fromkeys(config.upstreams, 0)
+        self.created = int(time.time())
+        self._ready: tuple[float, bool] = (0.0, False)
+
+    def _load(self, snapshot: Snapshot) -> None:
+        self.keys = snapshot.keys
+
+    # ---- lifecycle -------------------------------------------------------------
+    async def startup(self, app: web.Application) -> None:
+        await self.store.migrate()
+        await self.relay.start()
+        await self.writer.start()
+
+    async def cleanup(self, app: web.Application) -> None:
+        await self.writer.close()
+        await self.relay.close()
+        await self.limiter.close()
+        await self.store.close()
+
+    # ---- the hot path -----------------------------------------------------------
+    async def post(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        started = time.perf_counter()
+        request_id = "req_" + uuid.uuid4().hex
+        headers = {"x-request-id": request_id}
+        key: ApiKey | None = None
+        req: ClientRequest | None = None
+        call: Call | None = None
+        reservation: Reservation | None = None
+        worst_tokens = 0
+        self.metrics.in_flight.inc()
+        try:
+            key = self.authenticate(request)
+            req = parse(await self.read_body(request), endpoint)
+            model = self.resolve(req.model, endpoint)
+            cap = self.output_cap(req, model)
+            bound = input_bound(req.body, req.items, self.config.metering)
+            worst_tokens = bound + cap * req.n
+            rpm, tpm = self.limits(key)
+            decision = await self.admit(key, rpm, tpm, worst_tokens, cap)
+            headers.update(decision.headers)
+            worst_cost = cost_nanos(bound, cap * req.n, model.input_price, model.output_price)
+            reservation = self.book.reserve(key.account_id, worst_cost)
+            if reservation is None:
+                raise self.insufficient(key, worst_cost, bound, cap, endpoint)
+            call = self.prepare(request_id, endpoint, req, model, cap, bound, headers)
+            self.outstanding[call.upstream.name] += 1
+            try:
+                response = await self.relay.send(request, call)
+            finally:
+                self.outstanding[call.upstream.name] -= 1
+            self.metrics.overhead.labels(endpoint).observe(
+                max(0.0, time.perf_counter() - started - call.upstream_s)
+            )
+            self.metrics.ttft.labels(endpoint).observe(call.first_byte_at - started)
+            return response
+        except APIError as exc:
+            if call is not None:
+                call.status = str(exc.status)
+            headers.update(exc.headers)
+            self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            return web.Response(
+                body=exc.body(),
+                status=exc.status,
+                headers=headers,
+                content_type="application/json",
+            )
+        finally:
+            self.metrics.in_flight.dec()
+            if reservation is not None and key is not None and req is not None:
+                self.settle(key, req, call, reservation, worst_tokens, endpoint)
+
+    def authenticate(self, request: web.Request) -> ApiKey:
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        if not token or scheme.lower() != "bearer":
+            raise APIError(
+                401,
+                "invalid_api_key",
+                "Missing API key: send 'Authorization: Bearer qbt_…'.",
+            )
+        key = self.keys.get(hash_key(token.strip()))
+        if key is None:
+            shown = token[:8] + "…" if len(token) > 8 else "…"
+            raise APIError(401, "invalid_api_key", f"Incorrect or revoked API key: {shown}")
+        return key
+
+    async def read_body(self, request: web.Request) -> bytes:
+        limit = self.config.server.max_body_bytes
+        if (request.content_length or 0) > limit:
+            raise _too_large(limit)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
+
+    def resolve(self, name: str, endpoint: str) -> ModelConfig:
+        model = self.config.models.get(name)
+        if model is None:
+            raise APIError(
+                400,
+                "model_not_found",
+                f"The model '{name}' does not exist. GET /v1/models lists the models you can use.",
+                "model",
+            )
+        if endpoint not in model.endpoints:
+            other = next(iter(model.endpoints))
+            raise APIError(
+                400,
+                "model_not_found",
+                f"The model '{name}' is not served on {_ENDPOINT_PATHS[endpoint]}; "
+                f"use {_ENDPOINT_PATHS[other]} instead.",
+                "model",
+            )
+        return model
+
+    def output_cap(self, req: ClientRequest, model: ModelConfig) -> int:
+        if req.cap is None:
+            return model.max_output_tokens
+        if req.cap > model.max_output_tokens:
+            raise APIError(
+                400,
+                "invalid_request",
+                f"'{req.cap_field}' is {req.cap}; {model.id} allows at most "
+                f"{model.max_output_tokens} output tokens.",
+                req.cap_field,
+            )
+        return req.cap
+
+    def limits(self, key: ApiKey) -> tuple[int, int]:
+        defaults = self.config.ratelimit
+        rpm = defaults.default_rpm if key.rpm is None else key.rpm
+        tpm = defaults.default_tpm if key.tpm is None else key.tpm
+        return rpm, tpm
+
+    async def admit(self, key: ApiKey, rpm: int, tpm: int, tokens: int, cap: int) -> Decision:
+        if tpm and tokens > tpm:
+            raise APIError(
+                429,
+                "rate_limit_exceeded",
+                f"Request too large: its worst case is {tokens} tokens (input bound + output "
+                f"cap {cap}), over this key's limit of {tpm} tokens per minute. "
+                "Lower the output cap or shorten the input.",
+                headers={"x-should-retry": "false"},
+            )
+        decision = await self.limiter.admit(key.id, rpm, tpm, tokens)
+        if not decision.allowed:
+            wait = max(decision.retry_after_s, 0.001)
+            limit = f"{rpm} requests" if decision.reason == "requests" else f"{tpm} tokens"
+            raise APIError(
+                429,
+                "rate_limit_exceeded",
+                f"Rate limit reached for this key: {limit} per minute. "
+                f"Please try again in {wait:.3f}s.",
+                headers={
+                    **decision.headers,
+                    "retry-after": str(max(1, int(-(-wait // 1)))),
+                    "retry-after-ms": str(max(1, int(wait * 1000))),
+                },
+            )
+        return decision
+
+    def insufficient(
+        self, key: ApiKey, needed: int, bound: int, cap: int, endpoint: str
+    ) -> APIError:
+        available = max(0, self.book.available(key.account_id))
+        field = "max_output_tokens" if endpoint == "responses" else "max_completion_tokens"
+        return APIError(
+            402,
+            "insufficient_funds",
+            f"Insufficient credit: ${format_usd(available)} available, this request needs up "
+            f"to ${format_usd(needed)} (input ≤ {bound} tokens, output cap {cap} tokens). "
+            f"Add credit, or send a lower '{field}'.",
+        )
+
+    def prepare(
+        self,
+        request_id: str,
+        endpoint: str,
+        req: ClientRequest,
+        model: ModelConfig,
+        cap: int,
+        bound: int,
+        headers: dict[str, str],
+    ) -> Call:
+        """The upstream body: the client's, except SPEC §1's model/cap/usage changes."""
+        body = req.body
+        changed = False
+        if model.renamed:
+            body["model"] = model.upstream_model
+            changed = True
+        if req.cap is None:
+            body[req.cap_field] = cap
+            changed = True
+        strip_usage = False
+        if endpoint == "chat" and req.stream:
+            options = body.get("stream_options") or {}
+            if not options.get("include_usage"):
+                body["stream_options"] = {**options, "include_usage": True}
+                strip_usage = changed = True
+        upstream = self.pick_upstream(model)
+        return Call(
+            request_id=request_id,
+            endpoint=endpoint,
+            model=model,
+            upstream=upstream,
+            payload=orjson.dumps(body) if changed else req.raw,
+            stream=req.stream,
+            store_true=req.store_true,
+            strip_usage=strip_usage,
+            headers=headers,
+            input_bound=bound,
+        )
+
+    def pick_upstream(self, model: ModelConfig) -> UpstreamConfig:
+        """Least outstanding requests among the model's upstreams."""
+        names = model.upstreams
+        name = names[0] if len(names) == 1 else min(names, key=self.outstanding.__getitem__)
+        return self.config.upstreams[name]
+
+    def settle(
+        self,
+        key: ApiKey,
+        req: ClientRequest,
+        call: Call | None,
+        reservation: Reservation,
+        worst_tokens: int,
+        endpoint: str,
+    ) -> None:
+        """Reservation → actual cost; one ledger row per request that reached the upstream."""
+        tpm = self.limits(key)[1]
+        if call is None or not call.reached:
+            self.book.release(reservation)
+            self.limiter.refund(key.id, tpm, worst_tokens)
+            return
+        usage = call.usage
+        if usage is None:
+            usage = self.estimate(call)
+        model = call.model
+        cost = cost_nanos(
+            usage.input_tokens, usage.output_tokens, model.input_price, model.output_price
+        )
+        charged = self.book.settle(reservation, cost)
+        self.writer.append(
+            LedgerRow(
+                request_id=call.request_id,
+                account_id=key.account_id,
+                key_id=key.id,
+                model=model.id,
+                endpoint=endpoint,
+                input_tokens=usage.input_tokens,
+                output_tokens=usage.output_tokens,
+                cost=charged,
+                estimated=usage.estimated,
+                status=call.status,
+                created_at=int(time.time() * 1_000_000),
+            )
+        )
+        self.limiter.refund(key.id, tpm, worst_tokens - usage.input_tokens - usage.output_tokens)
+        m = self.metrics
+        m.requests.labels(endpoint, call.status).inc()
+        m.tokens.labels(model.id, "input").inc(usage.input_tokens)
+        m.tokens.labels(model.id, "output").inc(usage.output_tokens)
+        m.cost.labels(model.id).inc(charged)
+        if usage.estimated:
+            m.estimated.inc()
+
+    @staticmethod
+    def estimate(call: Call) -> Usage:
+        """No usage report: charge what was produced; nothing if nothing was."""
+        if call.deltas:
+            output = call.deltas
+        elif call.body_bytes:
+            output = -(-call.body_bytes // 4)
+        else:
+            return Usage(0, 0, estimated=False)
+        return Usage(estimate_input(call.input_bound), output, estimated=True)
+
+    # ---- the other endpoints ------------------------------------------------------
+    async def models(self, request: web.Request) -> web.Response:
+        request_id = "req_" + uuid.uuid4().hex
+        try:
+            self.authenticate(request)
+        except APIError as exc:
+            return _error(exc, request_id)
+        data = [
+            {"id": m.id, "object": "model", "created": self.created, "owned_by": "bastion"}
+            for m in self.config.models.values()
+        ]
+        return _json({"object": "list", "data": data}, request_id)
+
+    async def stored(self, request: web.Request) -> web.Response:
+        return _error(
+            APIError(
+                404,
+                "not_found",
+                "Bastion is stateless: it stores no responses, so there is nothing to retrieve, "
+                'delete or list. Send "store": false and keep the output yourself.',
+            ),
+            "req_" + uuid.uuid4().hex,
+        )
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return _error(
+            APIError(
+                404,
+                "not_found",
+                f"Unknown path: {request.method} {request.path}",
+            ),
+            "req_" + uuid.uuid4().hex,
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"}, "req_" + uuid.uuid4().hex)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        checked, ok = self._ready
+        if time.monotonic() - checked > 2.0:
+            ok = await self._check_ready()
+            self._ready = (time.monotonic(), ok)
+        body = {"status": "ready" if ok else "not ready"}
+        return _json(body, "req_" + uuid.uuid4().hex, 200 if ok else 503)
+
+    async def _check_ready(self) -> bool:
+        try:
+            await asyncio.wait_for(self.store.ping(), 2.0)
+        except Exception:
+            return False
+        assert self.relay.session is not None
+        for upstream in self.config.upstreams.values():
+            with contextlib.suppress(Exception):
+                async with self.relay.session.get(
+                    upstream.url + "/models", timeout=_PROBE_TIMEOUT
+                ) as resp:
+                    if resp.status < 500:
+                        return True
+        return False
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        self.metrics.ledger_queue.set(len(self.writer.queue))
+        return web.Response(
+            body=self.metrics.render(),
+            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+        )
+
+
+_PROBE_TIMEOUT = None  # set in create_app (aiohttp.ClientTimeout needs a loop-free import)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, "request_too_large", f"The request body is over {limit} bytes.")
+
+
+def _json(obj: object, request_id: str, status: int = 200) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(obj),
+        status=status,
+        content_type="application/json",
+        headers={"x-request-id": request_id},
+    )
+
+
+def _error(exc: APIError, request_id: str) -> web.Response:
+    return web.Response(
+        body=exc.body(),
+        status=exc.status,
+        content_type="application/json",
+        headers={"x-request-id": request_id, **exc.headers},
+    )
+
+
+def create_app(config: Config) -> web.Application:
+    import aiohttp
+
+    global _PROBE_TIMEOUT
+    _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2)
+    gateway = Gateway(config)
+    # the body limit is enforced by read_body; aiohttp's own is set just above it
+    app = web.Application(client_max_size=config.server.max_body_bytes + 1)
+    app["gateway"] = gateway
+    app.on_startup.append(gateway.startup)
+    app.on_cleanup.append(gateway.cleanup)
+
+    async def responses(request: web.Request) -> web.StreamResponse:
+        return await gateway.post(request, "responses")
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        return await gateway.post(request, "chat")
+
+    r = app.router
+    r.add_post("/v1/responses", responses)
+    r.add_post("/v1/chat/completions", chat)
+    r.add_get("/v1/models", gateway.models)
+    r.add_route("*", "/v1/responses/{id}", gateway.stored)
+    r.add_route("*", "/v1/responses/{id}/{rest:.*}", gateway.stored)
+    r.add_get("/healthz", gateway.healthz)
+    r.add_get("/readyz", gateway.readyz)
+    r.add_get("/metrics", gateway.metrics_endpoint)
+    if config.admin_token:
+        from bastion.admin import add_admin_routes
+
+        add_admin_routes(app, gateway)
+    r.add_route("*", "/{tail:.*}", gateway.not_found)
+    return app
+
+
+def serve(
+    config: Config, host: str | None = None, port: int | None = None, workers: int | None = None
+) -> None:
+    """Run the gateway until interrupted (``bastion serve``)."""
+    workers = workers or config.server.workers
+    if workers > 1:
+        problems = []
+        if config.database_url.startswith("sqlite:"):
+            problems.append("database.url is SQLite (set a postgresql:// URL)")
+        if config.ratelimit.url.startswith("memory:"):
+            problems.append("ratelimit.url is memory:// (set a redis:// URL)")
+        raise SystemExit(
+            f"--workers {workers} needs PostgreSQL and Redis shared by every worker: "
+            + "; ".join(problems or ["multi-worker mode is not built yet"])
+            + "."
+        )
+    import uvloop
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    app = create_app(config)
+    web.run_app(
+        app,
+        host=host or config.server.host,
+        port=port or config.server.port,
+        access_log=None,
+        handler_cancellation=True,
+        loop=uvloop.new_event_loop(),
+        print=lambda msg: log.info("%s", msg),
+    )

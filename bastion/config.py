@@ -1,0 +1,196 @@
+"""Configuration: one TOML file (SPEC §3) over embedded defaults, then env overrides.
+
+Everything is parsed once into frozen dataclasses; prices become integer
+nano-dollars per 1M tokens here so that nothing downstream sees a decimal string.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bastion.money import MoneyError, parse_usd
+
+ENDPOINTS = ("responses", "chat")
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_body_bytes: int = 20_000_000
+    workers: int = 1
+
+
+@dataclass(frozen=True)
+class RateLimitConfig:
+    url: str = "memory://"
+    default_rpm: int = 600
+    default_tpm: int = 2_000_000
+
+
+@dataclass(frozen=True)
+class MeteringConfig:
+    """Allowances that make the tokenizer-free input bound a true upper bound."""
+
+    base_tokens: int = 64
+    item_tokens: int = 16
+    image_tokens: int = 4096
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    url: str
+    api_key: str = ""
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    id: str
+    upstream_model: str
+    endpoints: frozenset[str]
+    upstreams: tuple[str, ...]
+    input_price: int  # nano-dollars per 1M tokens
+    output_price: int
+    max_output_tokens: int
+
+    @property
+    def renamed(self) -> bool:
+        return self.upstream_model != self.id
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    database_url: str = "sqlite:///bastion.db"
+    ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
+    metering: MeteringConfig = field(default_factory=MeteringConfig)
+    upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    admin_token: str = ""
+    refresh_interval_s: float = 1.0
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Defaults ← file (``path`` or ``$BASTION_CONFIG``) ← environment overrides."""
+    env = dict(os.environ if env is None else env)
+    data = tomllib.loads(resources.files("bastion").joinpath("defaults.toml").read_text())
+    path = path or env.get("BASTION_CONFIG")
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            user = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        data = _merge(data, user)
+    if url := env.get("BASTION_DATABASE_URL"):
+        data.setdefault("database", {})["url"] = url
+    if url := env.get("BASTION_REDIS_URL"):
+        data.setdefault("ratelimit", {})["url"] = url
+    if token := env.get("BASTION_ADMIN_TOKEN"):
+        data.setdefault("admin", {})["token"] = token
+    return parse_config(data)
+
+
+def _merge(base: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
+    """Tables merge key by key; arrays of tables (upstreams, models) replace wholesale."""
+    out = dict(base)
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**out[key], **value}
+        else:
+            out[key] = value
+    return out
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    server = _section(data, "server", ServerConfig)
+    ratelimit = _section(data, "ratelimit", RateLimitConfig)
+    metering = _section(data, "metering", MeteringConfig)
+    upstreams: dict[str, UpstreamConfig] = {}
+    for i, raw in enumerate(data.get("upstreams", [])):
+        up = _build(UpstreamConfig, raw, f"upstreams[{i}]")
+        if not up.url.startswith(("http://", "https://")):
+            raise ConfigError(f"upstreams[{i}].url must be http(s)://…, got {up.url!r}")
+        upstreams[up.name] = UpstreamConfig(**{**up.__dict__, "url": up.url.rstrip("/")})
+    models: dict[str, ModelConfig] = {}
+    for i, raw in enumerate(data.get("models", [])):
+        models_key = f"models[{i}]"
+        raw = dict(raw)
+        try:
+            model = ModelConfig(
+                id=str(raw.pop("id")),
+                upstream_model=str(raw.pop("upstream_model", "") or ""),
+                endpoints=frozenset(raw.pop("endpoints", ENDPOINTS)),
+                upstreams=tuple(raw.pop("upstreams", ())),
+                input_price=parse_usd(raw.pop("input_price")),
+                output_price=parse_usd(raw.pop("output_price")),
+                max_output_tokens=int(raw.pop("max_output_tokens")),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"{models_key}: missing {exc.args[0]}") from None
+        except MoneyError as exc:
+            raise ConfigError(f"{models_key}: prices are decimal strings: {exc}") from None
+        if raw:
+            raise ConfigError(f"{models_key}: unknown keys {sorted(raw)}")
+        if not model.upstream_model:
+            model = ModelConfig(**{**model.__dict__, "upstream_model": model.id})
+        if bad := model.endpoints - set(ENDPOINTS):
+            raise ConfigError(f"{models_key}.endpoints: unknown {sorted(bad)}")
+        if not model.upstreams:
+            raise ConfigError(f"{models_key}.upstreams: name at least one upstream")
+        if missing := [u for u in model.upstreams if u not in upstreams]:
+            raise ConfigError(f"{models_key}.upstreams: no upstream named {missing}")
+        if model.max_output_tokens < 1:
+            raise ConfigError(f"{models_key}.max_output_tokens must be positive")
+        models[model.id] = model
+    db = data.get("database", {})
+    admin = data.get("admin", {})
+    return Config(
+        server=server,
+        database_url=str(db.get("url", Config.database_url)),
+        ratelimit=ratelimit,
+        metering=metering,
+        upstreams=upstreams,
+        models=models,
+        admin_token=str(admin.get("token", "")),
+        refresh_interval_s=float(data.get("refresh_interval_s", 1.0)),
+    )
+
+
+def _section(data: dict[str, Any], name: str, cls: type) -> Any:
+    return _build(cls, data.get(name, {}), name)
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    fields = cls.__dataclass_fields__
+    if unknown := set(raw) - set(fields):
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+    try:
+        values = {k: _coerce(fields[k].type, v) for k, v in raw.items()}
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _coerce(annotation: Any, value: Any) -> Any:
+    kind = {"int": int, "float": float, "str": str}.get(str(annotation))
+    if kind is int and isinstance(value, bool):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return kind(value) if kind else value

@@ -1,0 +1,108 @@
+"""Per-key rate limits: requests and tokens per minute, smooth (GCRA), never a minute reset.
+
+GCRA keeps one "theoretical arrival time" (TAT) per key and dimension. A key with
+``rpm = N`` may send N requests at once; after that, one more every 60/N seconds.
+Tokens work the same with the request's worst case as its weight, corrected at
+settlement by ``refund``. The in-process limiter is exact for one process; the
+Redis limiter (scale-out) runs the same arithmetic server-side.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+PERIOD_S = 60.0
+
+
+@dataclass(slots=True)
+class Decision:
+    allowed: bool
+    headers: dict[str, str] = field(default_factory=dict)
+    retry_after_s: float = 0.0
+    reason: str = ""  # "requests" | "tokens" when refused
+
+
+class Limiter(Protocol):
+    async def admit(self, key_id: str, rpm: int, tpm: int, tokens: int) -> Decision: ...
+    def refund(self, key_id: str, tpm: int, tokens: int) -> None: ...
+    async def close(self) -> None: ...
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: '17ms', '1s', '6m0s', '2.5s'."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, secs = divmod(seconds, 60)
+    secs_text = f"{secs:.3f}".rstrip("0").rstrip(".")
+    return f"{int(minutes)}m{secs_text}s" if minutes else f"{secs_text}s"
+
+
+def gcra(tat: float, now: float, limit: int, weight: int) -> tuple[bool, float]:
+    """One GCRA step: (allowed, new TAT). ``weight`` units of a ``limit``/minute budget."""
+    interval = PERIOD_S / limit
+    new_tat = max(tat, now) + weight * interval
+    return new_tat - now <= PERIOD_S, new_tat
+
+
+def headers_for(suffix: str, limit: int, tat: float, now: float, out: dict[str, str]) -> None:
+    """x-ratelimit-{limit,remaining,reset}-{suffix} from a TAT; nothing for unlimited."""
+    if not limit:
+        return
+    used = max(0.0, tat - now)
+    remaining = int((PERIOD_S - used) * limit / PERIOD_S)
+    out[f"x-ratelimit-limit-{suffix}"] = str(limit)
+    out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, remaining))
+    out[f"x-ratelimit-reset-{suffix}"] = duration(used)
+
+
+class MemoryLimiter:
+    """Exact GCRA in one process: a dict of TATs, no locks (one event loop)."""
+
+    def __init__(self, clock: callable = time.monotonic) -> None:  # type: ignore[valid-type]
+        self._clock = clock
+        self._req: dict[str, float] = {}
+        self._tok: dict[str, float] = {}
+
+    async def admit(self, key_id: str, rpm: int, tpm: int, tokens: int) -> Decision:
+        now = self._clock()
+        req_tat = self._req.get(key_id, now)
+        tok_tat = self._tok.get(key_id, now)
+        ok_req, new_req = gcra(req_tat, now, rpm, 1) if rpm else (True, req_tat)
+        ok_tok, new_tok = gcra(tok_tat, now, tpm, tokens) if tpm else (True, tok_tat)
+        decision = Decision(ok_req and ok_tok)
+        if decision.allowed:
+            if rpm:
+                self._req[key_id] = new_req
+                req_tat = new_req
+            if tpm:
+                self._tok[key_id] = new_tok
+                tok_tat = new_tok
+        else:
+            decision.reason = "requests" if not ok_req else "tokens"
+            waits = []
+            if not ok_req:
+                waits.append(new_req - now - PERIOD_S)
+            if not ok_tok:
+                waits.append(new_tok - now - PERIOD_S)
+            decision.retry_after_s = max(waits)
+        headers_for("requests", rpm, req_tat, now, decision.headers)
+        headers_for("tokens", tpm, tok_tat, now, decision.headers)
+        return decision
+
+    def refund(self, key_id: str, tpm: int, tokens: int) -> None:
+        """Give back tokens reserved at admission but not used (or charge extra if < 0)."""
+        if tpm and tokens and key_id in self._tok:
+            self._tok[key_id] -= tokens * PERIOD_S / tpm
+
+    async def close(self) -> None:
+        return None
+
+
+def open_limiter(url: str) -> Limiter:
+    if url.startswith("memory:"):
+        return MemoryLimiter()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError("the Redis limiter is not built yet (see issue: scale-out)")
+    raise ValueError(f"unsupported ratelimit url {url!r}: use memory:// or redis://…")

@@ -1,0 +1,325 @@
+"""Upstream relay: send the request to an upstream, pass the answer back unchanged.
+
+JSON answers are read whole (usage is in them). Streams are cut at SSE event
+boundaries and each event goes to the client as soon as it is complete, byte for
+byte; a scanner beside the pipe notes usage, counts deltas for estimates, and
+rewrites only what SPEC §1 allows (the model name, the usage chunk Bastion asked
+for on the client's behalf). An upstream that breaks off ends the client's stream
+with a well-formed error event, never a silent truncation.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from bastion.config import ModelConfig, UpstreamConfig
+from bastion.errors import APIError
+from bastion.metering import Usage, usage_from
+
+_TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
+_SEQ = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
+_TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+_USAGE_NULL = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
+_UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ClientConnectorDNSError)
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+@dataclass(slots=True)
+class Call:
+    """One request on its way through the relay, and what became of it."""
+
+    request_id: str
+    endpoint: str  # "responses" | "chat"
+    model: ModelConfig
+    upstream: UpstreamConfig
+    payload: bytes
+    stream: bool
+    store_true: bool
+    strip_usage: bool  # chat: Bastion asked for the usage chunk; the client did not
+    headers: dict[str, str] = field(default_factory=dict)  # for the client
+    # outcome
+    reached: bool = False  # the upstream received the request (a ledger row is due)
+    status: str = "502"
+    usage: Usage | None = None
+    deltas: int = 0  # streamed content events, for estimates
+    body_bytes: int = 0
+    input_bound: int = 0
+    first_byte_at: float = 0.0  # perf_counter when the upstream's headers came
+    upstream_s: float = 0.0  # time spent waiting on the upstream
+
+
+class Relay:
+    def __init__(self, upstreams: dict[str, UpstreamConfig]) -> None:
+        self.upstreams = upstreams
+        self.session: aiohttp.ClientSession | None = None
+        self.timeouts = {
+            name: aiohttp.ClientTimeout(
+                total=None, sock_connect=u.connect_timeout_s, sock_read=u.read_timeout_s
+            )
+            for name, u in upstreams.items()
+        }
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+        )
+
+    async def close(self) -> None:
+        if self.session:
+            await self.session.close()
+
+    def _headers(self, call: Call) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
+        if call.upstream.api_key:
+            headers["Authorization"] = f"Bearer {call.upstream.api_key}"
+        if call.stream:
+            headers["Accept"] = "text/event-stream"
+        return headers
+
+    async def send(self, request: web.Request, call: Call) -> web.StreamResponse:
+        assert self.session is not None
+        path = "/responses" if call.endpoint == "responses" else "/chat/completions"
+        sent = time.perf_counter()
+        try:
+            upstream = await self.session.post(
+                call.upstream.url + path,
+                data=call.payload,
+                headers=self._headers(call),
+                timeout=self.timeouts[call.upstream.name],
+            )
+        except _UNREACHABLE as exc:
+            raise APIError(502, "upstream_error", f"upstream unreachable: {exc}") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            call.reached = True
+            raise APIError(502, "upstream_error", _describe(exc)) from None
+        call.reached = True
+        call.first_byte_at = time.perf_counter()
+        try:
+            if upstream.status >= 400:
+                raise upstream_error(upstream.status, await _read_some(upstream), call)
+            if call.stream:
+                return await self._stream(request, upstream, call)
+            return await self._json(upstream, call)
+        finally:
+            upstream.close()
+            call.upstream_s = time.perf_counter() - sent
+
+    async def _json(self, upstream: aiohttp.ClientResponse, call: Call) -> web.Response:
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise APIError(502, "upstream_error", _describe(exc)) from None
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise APIError(502, "upstream_error", "upstream sent a malformed JSON body") from None
+        call.usage = usage_from(obj, call.endpoint)
+        call.body_bytes = len(data)
+        if call.model.renamed:
+            data = rename(data, call.model)
+        call.status = "200"
+        return web.Response(
+            body=data, status=200, headers=call.headers, content_type="application/json"
+        )
+
+    async def _stream(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, call: Call
+    ) -> web.StreamResponse:
+        scanner = ResponsesScanner(call) if call.endpoint == "responses" else ChatScanner(call)
+        response = web.StreamResponse(status=200, headers={**STREAM_HEADERS, **call.headers})
+        await response.prepare(request)
+        call.status = "cancelled"  # until the stream is known to have ended well
+        buffer = b""
+        failure = ""
+        try:
+            async for chunk in upstream.content.iter_any():
+                buffer += chunk
+                out = []
+                while (end := buffer.find(b"\n\n")) >= 0:
+                    event = scanner.feed(buffer[: end + 2])
+                    buffer = buffer[end + 2 :]
+                    if event:
+                        out.append(event)
+                if out:
+                    await response.write(out[0] if len(out) == 1 else b"".join(out))
+            if not scanner.finished:
+                failure = "upstream closed the stream before it finished"
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
+            failure = f"upstream broke off the stream: {_describe(exc)}"
+        except TimeoutError:
+            failure = f"upstream sent nothing for {call.upstream.read_timeout_s:g}s"
+        except aiohttp.ClientError as exc:
+            failure = _describe(exc)
+        if failure:
+            call.status = "502"
+            await response.write(scanner.error_event(failure))
+        else:
+            call.status = "502" if scanner.errored else "200"
+        await response.write_eof()
+        return response
+
+
+class ResponsesScanner:
+    """Responses SSE: usage from the terminal event; sequence numbers for our error event."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.finished = False
+        self.errored = False
+        self.last = b""
+        self.old_model = _model_field(call.model.upstream_model) if call.model.renamed else b""
+
+    def feed(self, event: bytes) -> bytes:
+        kind = _event_type(event)
+        if kind.endswith(b".delta"):
+            self.call.deltas += 1
+        elif kind in _TERMINAL:
+            self.finished = True
+            self.call.usage = usage_from(_data(event).get("response"), "responses")
+        elif kind == b"error":
+            self.finished = self.errored = True
+        self.last = event
+        if self.old_model and self.old_model in event:
+            event = event.replace(self.old_model, _model_field(self.call.model.id))
+        return event
+
+    def error_event(self, message: str) -> bytes:
+        seen = _SEQ.search(self.last)
+        seq = int(seen.group(1)) + 1 if seen else 0
+        data = {"type": "error", "error": _error_object(message), "sequence_number": seq}
+        return b"event: error\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+class ChatScanner:
+    """Chat SSE: usage from the usage chunk (dropped again if only Bastion asked for it)."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.finished = False
+        self.errored = False
+        self.old_model = _model_field(call.model.upstream_model) if call.model.renamed else b""
+
+    def feed(self, event: bytes) -> bytes | None:
+        if event.startswith(b"data: [DONE]"):
+            self.finished = True
+            return event
+        if b'"usage"' in event:
+            obj = _data(event)
+            usage = usage_from(obj, "chat")
+            if usage is not None:
+                self.call.usage = usage
+                if self.call.strip_usage and not obj.get("choices"):
+                    return None
+            if self.call.strip_usage:
+                for null in _USAGE_NULL:
+                    event = event.replace(null, b"")
+        elif event.startswith(b'data: {"error"'):
+            self.errored = True
+        else:
+            self.call.deltas += 1
+        if self.old_model and self.old_model in event:
+            event = event.replace(self.old_model, _model_field(self.call.model.id))
+        return event
+
+    def error_event(self, message: str) -> bytes:
+        return b"data: " + orjson.dumps({"error": _error_object(message)}) + b"\n\n"
+
+
+def upstream_error(status: int, body: bytes, call: Call) -> APIError:
+    """Map an upstream error answer to what the client gets (SPEC §1, Errors)."""
+    detail = _error_detail(body)
+    message = detail.get("message") if isinstance(detail.get("message"), str) else ""
+    if status >= 500:
+        if call.store_true:
+            return APIError(
+                502,
+                "upstream_error",
+                f"The upstream refused the request ({status}): it does not keep state. "
+                'Send "store": false.',
+                headers={"x-should-retry": "false"},
+            )
+        text = f"upstream returned {status}" + (f": {message}" if message else "")
+        return APIError(502, "upstream_error", text)
+    if status in (401, 403, 404):
+        return APIError(
+            502,
+            "upstream_error",
+            f"upstream refused Bastion's request ({status}); the gateway is misconfigured",
+        )
+    code = detail.get("code")
+    param = detail.get("param")
+    return APIError(
+        status,
+        code if isinstance(code, str) and code else "invalid_request",
+        message or f"upstream rejected the request ({status})",
+        param if isinstance(param, str) else None,
+    )
+
+
+def rename(data: bytes, model: ModelConfig) -> bytes:
+    return data.replace(_model_field(model.upstream_model), _model_field(model.id))
+
+
+def _model_field(name: str) -> bytes:
+    return b'"model":' + orjson.dumps(name)
+
+
+def _event_type(event: bytes) -> bytes:
+    """The SSE `event:` name, else the data's leading "type" (vLLM and OpenAI put it first)."""
+    if event.startswith(b"event:"):
+        return event[6 : event.find(b"\n")].strip()
+    found = _TYPE.search(event, 0, 160)
+    return found.group(1) if found else b""
+
+
+def _data(event: bytes) -> dict:
+    """The JSON of an SSE event's data line(s); {} if there is none or it is not JSON."""
+    lines = [ln[5:].lstrip(b" ") for ln in event.split(b"\n") if ln.startswith(b"data:")]
+    try:
+        obj = orjson.loads(b"\n".join(lines))
+    except orjson.JSONDecodeError:
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _error_detail(body: bytes) -> dict:
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    if isinstance(obj, dict):
+        inner = obj.get("error", obj)
+        return inner if isinstance(inner, dict) else {"message": str(inner)}
+    return {}
+
+
+def _error_object(message: str) -> dict[str, object]:
+    return {"type": "upstream_error", "code": "upstream_error", "message": message, "param": None}
+
+
+async def _read_some(response: aiohttp.ClientResponse, limit: int = 65536) -> bytes:
+    try:
+        return await response.content.read(limit)
+    except (aiohttp.ClientError, TimeoutError):
+        return b""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "upstream timed out"
+    text = str(exc) or type(exc).__name__
+    return f"upstream connection failed: {text}"

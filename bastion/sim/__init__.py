@@ -1,0 +1,37 @@
+"""Upstream simulator (SPEC §5): a vLLM-like OpenAI-compatible server for tests and benchmarks.
+
+Public API:
+- `create_app(ttft_ms, tokens_per_s)` / `run(host, port, ttft_ms, tokens_per_s)`: the server.
+- `reply_text(body, endpoint=None, tokens=None)`: the exact text it answers.
+- `usage_for(body, endpoint=None, tokens=None)`: (input_tokens, output_tokens) it reports.
+- `plan_reply(...)`: the whole planned answer (text pieces or function call, truncation).
+- `input_tokens_for(body, endpoint=None)`: the input-token formula alone.
+
+`endpoint` is "responses" or "chat" (default: "chat" when the body has `messages`);
+`tokens` is the `x-sim-tokens` header value, when the request sends one.
+See docs/simulator.md.
+"""
+
+from bastion.sim.reply import (
+    DEFAULT_TOKENS,
+    Reply,
+    input_tokens_for,
+    last_user_text,
+    plan_reply,
+    reply_text,
+    usage_for,
+)
+from bastion.sim.server import FAULTS, create_app, run
+
+__all__ = [
+    "DEFAULT_TOKENS",
+    "FAULTS",
+    "Reply",
+    "create_app",
+    "input_tokens_for",
+    "last_user_text",
+    "plan_reply",
+    "reply_text",
+    "run",
+    "usage_for",
+]

@@ -1,0 +1,326 @@
+"""The simulator's HTTP server: routes, per-request options, timing and fault injection."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from bastion.sim.pacer import Pacer
+from bastion.sim.reply import Reply, plan_reply
+from bastion.sim.wire import ChatRender, ResponsesRender, StreamPlan, error_object
+
+FAULTS = frozenset(
+    {"500", "503", "400", "401", "hang", "stall", "cut", "malformed", "slow", "error-event"}
+)
+SLOW_DEFAULT_MS = 2000.0
+MODELS = (
+    "gpt-oss-120b",
+    "gpt-oss-20b",
+    "Llama-3.1-8B-Instruct",
+    "Meta-Llama-3_3-70B-Instruct",
+    "Qwen3-32B",
+    "Mistral-Small-3.2-24B-Instruct-2506",
+    "Mistral-Nemo-Instruct-2407",
+    "Qwen3-Coder-30B-A3B-Instruct",
+    "Qwen2.5-VL-72B-Instruct",
+    "Mistral-7B-Instruct-v0.3",
+)
+"""Sample ids for GET /v1/models; any model name is served."""
+
+
+@dataclass(frozen=True, slots=True)
+class SimDefaults:
+    ttft_ms: float = 0.0
+    tokens_per_s: float = 0.0
+
+
+@dataclass(slots=True)
+class Options:
+    """What one request asked of the simulator (headers > body `sim` > model suffix)."""
+
+    tokens: int | None
+    ttft_ms: float
+    tokens_per_s: float
+    fault: str | None
+    delay_ms: float
+    vllm_quirks: bool
+
+
+DEFAULTS_KEY = web.AppKey("sim_defaults", SimDefaults)
+PACER_KEY = web.AppKey("sim_pacer", Pacer)
+
+
+class _Refusal(Exception):
+    """An error answer in vLLM's envelope."""
+
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.response = web.Response(
+            status=status,
+            body=orjson.dumps(error_object(status, message, type_, param)),
+            content_type="application/json",
+        )
+
+
+def _bad(message: str, param: str | None = None) -> _Refusal:
+    return _Refusal(400, message, "BadRequestError", param)
+
+
+def _number(raw: Any, name: str, integer: bool = False) -> float | None:
+    if raw is None:
+        return None
+    try:
+        value = int(raw) if integer else float(raw)
+    except (TypeError, ValueError):
+        raise _bad(f"{name} must be a non-negative number", name) from None
+    if value < 0 or value != value:
+        raise _bad(f"{name} must be a non-negative number", name)
+    return value
+
+
+def _options(request: web.Request, body: dict[str, Any], defaults: SimDefaults) -> Options:
+    """Per-request overrides: `x-sim-*` headers, else the body's `sim` object."""
+    h = request.headers
+    sim = body.get("sim") if isinstance(body.get("sim"), dict) else {}
+
+    def pick(header: str, key: str) -> Any:
+        value = h.get(header)
+        return value if value is not None else sim.get(key)
+
+    fault = pick("x-sim-fault", "fault")
+    if fault is None:
+        _, at, suffix = body["model"].rpartition("@")
+        fault = suffix if at and suffix in FAULTS else None
+    elif fault not in FAULTS:
+        raise _bad(f"unknown fault {fault!r}; one of {', '.join(sorted(FAULTS))}", "x-sim-fault")
+    tokens = _number(pick("x-sim-tokens", "tokens"), "x-sim-tokens", integer=True)
+    ttft = _number(pick("x-sim-ttft-ms", "ttft_ms"), "x-sim-ttft-ms")
+    rate = _number(pick("x-sim-tokens-per-s", "tokens_per_s"), "x-sim-tokens-per-s")
+    delay = _number(pick("x-sim-delay-ms", "delay_ms"), "x-sim-delay-ms")
+    return Options(
+        tokens=None if tokens is None else int(tokens),
+        ttft_ms=defaults.ttft_ms if ttft is None else ttft,
+        tokens_per_s=defaults.tokens_per_s if rate is None else rate,
+        fault=fault,
+        delay_ms=SLOW_DEFAULT_MS if delay is None else delay,
+        vllm_quirks=str(pick("x-sim-quirks", "quirks") or "").lower() == "vllm",
+    )
+
+
+async def _until_gone(request: web.Request) -> None:
+    """Wait until the client goes away (`hang`/`stall` faults): polls, no per-request timer."""
+    while True:
+        tr = request.transport
+        if tr is None or tr.is_closing():
+            return
+        await asyncio.sleep(0.2)
+
+
+def _load(raw: bytes, endpoint: str) -> dict[str, Any]:
+    """Parse and lightly validate the body, as vLLM would refuse it."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _bad("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _bad("request body must be a JSON object")
+    if not isinstance(body.get("model"), str) or not body["model"]:
+        raise _bad("field required: model", "model")
+    if endpoint == "responses":
+        if not isinstance(body.get("input"), str | list):
+            raise _bad("field required: input (a string or a list of items)", "input")
+    elif not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise _bad("field required: messages (a non-empty list)", "messages")
+    return body
+
+
+async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
+    try:
+        body = _load(await request.read(), endpoint)
+        opts = _options(request, body, request.app[DEFAULTS_KEY])
+        fault = opts.fault
+        if fault == "slow":
+            await asyncio.sleep(opts.delay_ms / 1000)
+        if fault in ("500", "503", "400", "401"):
+            return _fault_response(fault)
+        stream = body.get("stream") is True
+        if fault == "hang" or (fault == "stall" and not stream):
+            await _until_gone(request)
+            return web.Response(status=504)
+        if body.get("store") is True:
+            raise _Refusal(
+                500,
+                "stateful mode is not supported by this server (store=true): "
+                "send store=false, this server keeps no responses",
+                "InternalServerError",
+                "store",
+            )
+        reply = plan_reply(body, endpoint, opts.tokens)
+    except _Refusal as refusal:
+        return refusal.response
+    if stream:
+        return await _stream(request, endpoint, body, reply, opts)
+    return await _json(request, endpoint, body, reply, opts)
+
+
+def _duration(reply: Reply, opts: Options) -> float:
+    """Seconds until the last token: ttft, then one token per 1/rate after the first."""
+    per = 1.0 / opts.tokens_per_s if opts.tokens_per_s > 0 else 0.0
+    return opts.ttft_ms / 1000 + max(reply.output_tokens - 1, 0) * per
+
+
+async def _json(
+    request: web.Request, endpoint: str, body: dict[str, Any], reply: Reply, opts: Options
+) -> web.StreamResponse:
+    duration = _duration(reply, opts)
+    now = time.time()
+    if endpoint == "responses":
+        data = ResponsesRender(body, reply, int(now), int(now + duration)).json_body()
+    else:
+        data = ChatRender(body, reply, int(now)).json_body()
+    if duration > 0:
+        await asyncio.sleep(duration)
+    if opts.fault == "malformed":
+        data = data[: len(data) // 2]
+    elif opts.fault == "error-event":
+        return _fault_response("500")
+    elif opts.fault == "cut":
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        await resp.write(data[: len(data) // 2])
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    return web.Response(body=data, content_type="application/json")
+
+
+async def _stream(
+    request: web.Request, endpoint: str, body: dict[str, Any], reply: Reply, opts: Options
+) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    plan: StreamPlan
+    wire_fault = opts.fault if opts.fault in ("cut", "error-event", "malformed") else None
+    if endpoint == "responses":
+        now = time.time()
+        render = ResponsesRender(body, reply, int(now), int(now + _duration(reply, opts)))
+        plan = render.stream(wire_fault, opts.vllm_quirks)
+    else:
+        plan = ChatRender(body, reply, int(time.time())).stream(wire_fault)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)  # sends the headers at once, as vLLM does
+    if plan.head:
+        await resp.write(plan.head)
+    transport = request.transport
+    if transport is None:
+        return resp
+    units = plan.units[:1] if opts.fault == "stall" else plan.units
+    pacer = request.app[PACER_KEY]
+    finished = await pacer.play(transport, units, start + opts.ttft_ms / 1000, opts.tokens_per_s)
+    if not finished:
+        return resp
+    if opts.fault == "stall":
+        await _until_gone(request)
+    elif opts.fault == "cut":
+        transport.close()  # no terminal event, no final chunk: the peer sees a broken body
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+def _fault_response(fault: str) -> web.Response:
+    if fault == "400":
+        err = {
+            "error": {
+                "message": "Invalid schema for function 'simulated': "
+                "'object' is not valid under any of the given schemas.",
+                "type": "invalid_request_error",
+                "param": "tools[0].parameters",
+                "code": "invalid_function_parameters",
+            }
+        }
+        return web.Response(status=400, body=orjson.dumps(err), content_type="application/json")
+    if fault == "401":  # what vLLM's --api-key middleware answers
+        return web.Response(
+            status=401, body=b'{"error":"Unauthorized"}', content_type="application/json"
+        )
+    status = int(fault)
+    kind = "InternalServerError" if status == 500 else "ServiceUnavailableError"
+    message = f"simulated upstream failure ({status})"
+    return web.Response(
+        status=status,
+        body=orjson.dumps(error_object(status, message, kind)),
+        content_type="application/json",
+    )
+
+
+async def _responses(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "responses")
+
+
+async def _chat(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "chat")
+
+
+async def _models(request: web.Request) -> web.Response:
+    created = int(time.time())
+    data = [
+        {
+            "id": m,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": m,
+            "parent": None,
+            "max_model_len": 131072,
+        }
+        for m in MODELS
+    ]
+    return web.Response(
+        body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+    )
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response()
+
+
+def create_app(ttft_ms: float = 0, tokens_per_s: float = 0) -> web.Application:
+    """The simulator as an aiohttp application (server-wide timing defaults)."""
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[DEFAULTS_KEY] = SimDefaults(float(ttft_ms), float(tokens_per_s))
+    app[PACER_KEY] = Pacer()
+    app.router.add_post("/v1/responses", _responses)
+    app.router.add_post("/v1/chat/completions", _chat)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/health", _health)
+    return app
+
+
+def run(
+    host: str = "127.0.0.1", port: int = 8000, ttft_ms: float = 0, tokens_per_s: float = 0
+) -> None:
+    """Serve the simulator until SIGINT/SIGTERM (blocking, on uvloop)."""
+    import uvloop
+
+    loop = uvloop.new_event_loop()
+    rate = f"{tokens_per_s:g} tokens/s" if tokens_per_s > 0 else "max speed"
+    print(f"bastion sim on http://{host}:{port}/v1 (ttft {ttft_ms:g} ms, {rate})", flush=True)
+    web.run_app(
+        create_app(ttft_ms, tokens_per_s),
+        host=host,
+        port=port,
+        print=None,
+        access_log=None,
+        backlog=4096,
+        handler_cancellation=True,
+        shutdown_timeout=1.0,
+        loop=loop,
+    )

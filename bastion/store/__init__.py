@@ -1,0 +1,103 @@
+"""The store: accounts, credit grants, API keys and the ledger, behind one async interface.
+
+The gateway never waits on it per request: it loads keys and balances into memory
+(``snapshot``), and writes settled requests in batches (``write_ledger``). The CLI
+and the admin API call the rest. ``open_store(url)`` picks the backend by URL.
+Ids are made in Python and timestamps are integer microseconds since the epoch, so
+one migration history serves SQLite and PostgreSQL alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class StoreError(ValueError):
+    """A refused operation (unknown account, duplicate name, overdraft); message is for humans."""
+
+
+@dataclass(frozen=True)
+class Account:
+    id: str  # "acct_…"
+    name: str
+    balance: int  # nano-dollars: credits granted − Σ ledger costs
+    spent: int  # nano-dollars: Σ ledger costs
+    reserved: int  # nano-dollars held by running gateways for requests in flight
+    created_at: int  # µs since epoch
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str  # "key_…"
+    account_id: str
+    account_name: str
+    name: str  # operator's label
+    prefix: str  # first 12 characters of the key, for recognition ("qbt_AbCdEfGh")
+    key_hash: str  # hex SHA-256 of the whole key
+    rpm: int | None  # None: the config default; 0: unlimited
+    tpm: int | None
+    revoked: bool
+    created_at: int
+
+
+@dataclass(frozen=True)
+class LedgerRow:
+    request_id: str  # the x-request-id; primary key, so a row is written at most once
+    account_id: str
+    key_id: str
+    model: str  # client-facing model id
+    endpoint: str  # "responses" | "chat"
+    input_tokens: int
+    output_tokens: int
+    cost: int  # nano-dollars
+    estimated: bool
+    status: str  # HTTP status the client got ("200", "502", …) or "cancelled"
+    created_at: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a gateway caches: every non-revoked key by hash, every account's balance."""
+
+    keys: dict[str, ApiKey]  # key_hash -> key
+    balances: dict[str, int]  # account_id -> balance (nano-dollars)
+
+
+class Store(Protocol):
+    async def migrate(self) -> None: ...
+    async def close(self) -> None: ...
+
+    # operators (CLI, admin API)
+    async def create_account(self, name: str, credit: int = 0) -> Account: ...
+    async def credit_account(self, name: str, amount: int) -> Account: ...
+    async def get_account(self, name: str) -> Account: ...
+    async def list_accounts(self) -> list[Account]: ...
+    async def create_key(
+        self, account: str, name: str = "", rpm: int | None = None, tpm: int | None = None
+    ) -> tuple[ApiKey, str]: ...
+    async def list_keys(self, account: str | None = None) -> list[ApiKey]: ...
+    async def update_key(
+        self, key_id: str, rpm: int | None = None, tpm: int | None = None
+    ) -> ApiKey: ...
+    async def revoke_key(self, key_id: str) -> ApiKey: ...
+    async def usage(
+        self, account: str | None = None, since_us: int | None = None
+    ) -> list[LedgerRow]: ...
+
+    # gateways
+    async def snapshot(self) -> Snapshot: ...
+    async def write_ledger(self, rows: list[LedgerRow]) -> int: ...
+    async def set_reservations(self, gateway_id: str, reserved: dict[str, int]) -> None: ...
+    async def ping(self) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """``sqlite:///rel.db`` / ``sqlite:////abs.db`` (SQLAlchemy form) or ``postgresql://…``."""
+    if url.startswith("sqlite:"):
+        from bastion.store.sqlite import SQLiteStore
+
+        return SQLiteStore(url)
+    if url.startswith(("postgresql:", "postgres:")):
+        raise StoreError("PostgreSQL support is not built yet (see issue: scale-out)")
+    raise StoreError(f"unsupported database url {url!r}: use sqlite:///… or postgresql://…")

@@ -1,0 +1,406 @@
+"""The SQLite store: the embedded default, one file shared by the gateway and the CLI.
+
+sqlite3 blocks, so every call runs on one dedicated worker thread that owns the
+connection; the async methods only await that thread and the event loop never
+stalls. The file is in WAL mode (readers never wait for the writer) with
+synchronous=FULL (a committed charge or top-up survives a power cut), and writers
+wait up to 10 s for each other (busy_timeout), since a CLI and a running gateway
+share the file. Every write is one ``BEGIN IMMEDIATE`` transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from bastion.auth import generate_key, hash_key
+from bastion.money import format_usd
+from bastion.store import Account, ApiKey, LedgerRow, Snapshot, StoreError
+from bastion.store.migrate import migrate_sqlite
+
+T = TypeVar("T")
+
+RESERVATION_TTL_US = 10_000_000  # a gateway's reservations count for 10 s after its last update
+BUSY_TIMEOUT_MS = 10_000
+
+_ACCOUNT_SELECT = """
+SELECT a.id, a.name, a.balance, a.spent,
+       COALESCE((SELECT SUM(r.amount) FROM reservations r
+                 WHERE r.account_id = a.id AND r.updated_at >= ?), 0),
+       a.created_at
+FROM accounts a
+"""
+
+_KEY_SELECT = """
+SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.rpm, k.tpm,
+       k.revoked, k.created_at
+FROM api_keys k JOIN accounts a ON a.id = k.account_id
+"""
+
+_LEDGER_COLUMNS = (
+    "request_id, account_id, key_id, model, endpoint, input_tokens, output_tokens,"
+    " cost, estimated, status, created_at"
+)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def new_id(prefix: str) -> str:
+    """Ids are made here, not by the database, so the SQL stays portable."""
+    return prefix + secrets.token_hex(6)
+
+
+def sqlite_path(url: str) -> str:
+    """SQLAlchemy form: ``sqlite:///rel.db`` (cwd-relative), ``sqlite:////abs.db``.
+
+    ``sqlite://`` alone is an in-memory database (tests only: it dies with the store).
+    """
+    if not url.startswith("sqlite://"):
+        raise StoreError(f"not a SQLite url: {url!r}")
+    rest = url[len("sqlite://") :].split("?", 1)[0]
+    if rest in ("", "/", "/:memory:"):
+        return ":memory:"
+    if not rest.startswith("/"):
+        raise StoreError(f"bad SQLite url {url!r}: use sqlite:///relative.db or sqlite:////abs.db")
+    return rest[1:]
+
+
+class SQLiteStore:
+    """The Store protocol (bastion.store.Store) on one SQLite file."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-sqlite")
+        self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
+        self._migrated = False
+
+    # ---- plumbing -------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._call, fn, args)
+
+    def _call(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        """On the worker: open and migrate on first use, then run ``fn(conn, *args)``."""
+        conn = self._connect()
+        if not self._migrated:
+            migrate_sqlite(conn)
+            self._migrated = True
+        return fn(conn, *args)
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is None:
+            if self.path != ":memory:" and not Path(self.path).parent.is_dir():
+                raise StoreError(f"cannot open database {self.path}: directory does not exist")
+            try:
+                conn = sqlite3.connect(
+                    self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
+                )
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = FULL")
+                conn.execute("PRAGMA foreign_keys = ON")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot open database {self.path}: {exc}") from None
+            self._conn = conn
+        return self._conn
+
+    @staticmethod
+    @contextmanager
+    def _write(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        """One write transaction; the lock is taken up front so reads inside are current."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # ---- lifecycle ------------------------------------------------------------------
+
+    async def migrate(self) -> None:
+        """Idempotent; also done implicitly on first use. Safe from several processes."""
+        await self._run(migrate_sqlite)
+
+    async def close(self) -> None:
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await asyncio.get_running_loop().run_in_executor(self._executor, _close)
+        self._executor.shutdown(wait=False)
+
+    async def ping(self) -> None:
+        await self._run(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    # ---- accounts -------------------------------------------------------------------
+
+    async def create_account(self, name: str, credit: int = 0) -> Account:
+        if not name or not name.strip():
+            raise StoreError("account name must not be empty")
+        if name != name.strip():
+            raise StoreError(f"account name {name!r} has leading or trailing spaces")
+        if credit < 0:
+            raise StoreError("initial credit must not be negative")
+        return await self._run(self._create_account, name, credit)
+
+    def _create_account(self, conn: sqlite3.Connection, name: str, credit: int) -> Account:
+        account_id, now = new_id("acct_"), now_us()
+        with self._write(conn):
+            if conn.execute("SELECT 1 FROM accounts WHERE name = ?", (name,)).fetchone():
+                raise StoreError(f"an account named {name!r} already exists")
+            conn.execute(
+                "INSERT INTO accounts (id, name, balance, spent, created_at)"
+                " VALUES (?, ?, ?, 0, ?)",
+                (account_id, name, credit, now),
+            )
+            if credit > 0:
+                conn.execute(
+                    "INSERT INTO credits (id, account_id, amount, created_at) VALUES (?, ?, ?, ?)",
+                    (new_id("cred_"), account_id, credit, now),
+                )
+        return self._account(conn, name)
+
+    async def credit_account(self, name: str, amount: int) -> Account:
+        if amount == 0:
+            raise StoreError("credit amount must not be zero")
+        return await self._run(self._credit_account, name, amount)
+
+    def _credit_account(self, conn: sqlite3.Connection, name: str, amount: int) -> Account:
+        with self._write(conn):
+            account = self._account(conn, name)
+            if account.balance + amount < 0:
+                raise StoreError(
+                    f"cannot take back {format_usd(-amount)} USD from {name!r}: "
+                    f"its balance is {format_usd(account.balance)} USD"
+                )
+            conn.execute(
+                "INSERT INTO credits (id, account_id, amount, created_at) VALUES (?, ?, ?, ?)",
+                (new_id("cred_"), account.id, amount, now_us()),
+            )
+            conn.execute(
+                "UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account.id)
+            )
+        return self._account(conn, name)
+
+    async def get_account(self, name: str) -> Account:
+        return await self._run(self._account, name)
+
+    def _account(self, conn: sqlite3.Connection, name: str) -> Account:
+        row = conn.execute(
+            _ACCOUNT_SELECT + "WHERE a.name = ?", (now_us() - RESERVATION_TTL_US, name)
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"no account named {name!r}")
+        return Account(*row)
+
+    async def list_accounts(self) -> list[Account]:
+        def _list(conn: sqlite3.Connection) -> list[Account]:
+            rows = conn.execute(
+                _ACCOUNT_SELECT + "ORDER BY a.name", (now_us() - RESERVATION_TTL_US,)
+            )
+            return [Account(*row) for row in rows]
+
+        return await self._run(_list)
+
+    # ---- keys -----------------------------------------------------------------------
+
+    async def create_key(
+        self, account: str, name: str = "", rpm: int | None = None, tpm: int | None = None
+    ) -> tuple[ApiKey, str]:
+        _check_limits(rpm, tpm)
+        return await self._run(self._create_key, account, name, rpm, tpm)
+
+    def _create_key(
+        self, conn: sqlite3.Connection, account: str, name: str, rpm: int | None, tpm: int | None
+    ) -> tuple[ApiKey, str]:
+        key_id, plaintext = new_id("key_"), generate_key()
+        with self._write(conn):
+            owner = self._account(conn, account)
+            conn.execute(
+                "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, rpm, tpm,"
+                " revoked, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                (key_id, owner.id, name, plaintext[:12], hash_key(plaintext), rpm, tpm, now_us()),
+            )
+        return self._key(conn, key_id), plaintext
+
+    async def list_keys(self, account: str | None = None) -> list[ApiKey]:
+        def _list(conn: sqlite3.Connection) -> list[ApiKey]:
+            if account is None:
+                rows = conn.execute(_KEY_SELECT + "ORDER BY k.created_at, k.id")
+            else:
+                owner = self._account(conn, account)
+                rows = conn.execute(
+                    _KEY_SELECT + "WHERE k.account_id = ? ORDER BY k.created_at, k.id",
+                    (owner.id,),
+                )
+            return [_api_key(row) for row in rows]
+
+        return await self._run(_list)
+
+    def _key(self, conn: sqlite3.Connection, key_id: str) -> ApiKey:
+        row = conn.execute(_KEY_SELECT + "WHERE k.id = ?", (key_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no key with id {key_id!r}")
+        return _api_key(row)
+
+    async def update_key(
+        self, key_id: str, rpm: int | None = None, tpm: int | None = None
+    ) -> ApiKey:
+        _check_limits(rpm, tpm)
+
+        def _update(conn: sqlite3.Connection) -> ApiKey:
+            with self._write(conn):
+                self._key(conn, key_id)
+                conn.execute(
+                    "UPDATE api_keys SET rpm = COALESCE(?, rpm), tpm = COALESCE(?, tpm)"
+                    " WHERE id = ?",
+                    (rpm, tpm, key_id),
+                )
+            return self._key(conn, key_id)
+
+        return await self._run(_update)
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        """Idempotent: revoking a revoked key keeps its first revocation time."""
+
+        def _revoke(conn: sqlite3.Connection) -> ApiKey:
+            with self._write(conn):
+                self._key(conn, key_id)
+                conn.execute(
+                    "UPDATE api_keys SET revoked = 1, revoked_at = ? WHERE id = ? AND revoked = 0",
+                    (now_us(), key_id),
+                )
+            return self._key(conn, key_id)
+
+        return await self._run(_revoke)
+
+    # ---- ledger ---------------------------------------------------------------------
+
+    async def usage(
+        self, account: str | None = None, since_us: int | None = None
+    ) -> list[LedgerRow]:
+        def _usage(conn: sqlite3.Connection) -> list[LedgerRow]:
+            where, params = [], []
+            if account is not None:
+                where.append("account_id = ?")
+                params.append(self._account(conn, account).id)
+            if since_us is not None:
+                where.append("created_at >= ?")
+                params.append(since_us)
+            sql = f"SELECT {_LEDGER_COLUMNS} FROM ledger"
+            if where:
+                sql += " WHERE " + " AND ".join(where)
+            rows = conn.execute(sql + " ORDER BY created_at, request_id", params)
+            return [_ledger_row(row) for row in rows]
+
+        return await self._run(_usage)
+
+    async def write_ledger(self, rows: list[LedgerRow]) -> int:
+        """Insert new rows and charge them in one transaction; a repeated request_id is a no-op."""
+        if not rows:
+            return 0
+        return await self._run(self._write_ledger, list(rows))
+
+    def _write_ledger(self, conn: sqlite3.Connection, rows: list[LedgerRow]) -> int:
+        charges: dict[str, int] = {}
+        inserted = 0
+        with self._write(conn):
+            for row in rows:
+                cursor = conn.execute(
+                    f"INSERT INTO ledger ({_LEDGER_COLUMNS})"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (request_id) DO NOTHING",
+                    (
+                        row.request_id,
+                        row.account_id,
+                        row.key_id,
+                        row.model,
+                        row.endpoint,
+                        row.input_tokens,
+                        row.output_tokens,
+                        row.cost,
+                        int(row.estimated),
+                        row.status,
+                        row.created_at,
+                    ),
+                )
+                if cursor.rowcount == 1:
+                    inserted += 1
+                    charges[row.account_id] = charges.get(row.account_id, 0) + row.cost
+            for account_id in sorted(charges):  # fixed order: no lock-order deadlocks
+                conn.execute(
+                    "UPDATE accounts SET balance = balance - ?, spent = spent + ? WHERE id = ?",
+                    (charges[account_id], charges[account_id], account_id),
+                )
+        return inserted
+
+    # ---- gateways -------------------------------------------------------------------
+
+    async def snapshot(self) -> Snapshot:
+        def _snapshot(conn: sqlite3.Connection) -> Snapshot:
+            # One read transaction, so keys and balances come from the same instant.
+            conn.execute("BEGIN")
+            try:
+                keys = [_api_key(r) for r in conn.execute(_KEY_SELECT + "WHERE k.revoked = 0")]
+                balances = dict(conn.execute("SELECT id, balance FROM accounts").fetchall())
+            finally:
+                conn.execute("COMMIT")
+            return Snapshot(keys={k.key_hash: k for k in keys}, balances=balances)
+
+        return await self._run(_snapshot)
+
+    async def set_reservations(self, gateway_id: str, reserved: dict[str, int]) -> None:
+        """Replace this gateway's rows; zero amounts are dropped rather than stored."""
+
+        def _set(conn: sqlite3.Connection) -> None:
+            now = now_us()
+            with self._write(conn):
+                conn.execute("DELETE FROM reservations WHERE gateway_id = ?", (gateway_id,))
+                conn.executemany(
+                    "INSERT INTO reservations (gateway_id, account_id, amount, updated_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    [(gateway_id, acct, amt, now) for acct, amt in reserved.items() if amt],
+                )
+
+        await self._run(_set)
+
+
+def _check_limits(rpm: int | None, tpm: int | None) -> None:
+    for label, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and value < 0:
+            raise StoreError(f"{label} must be 0 (unlimited) or positive, got {value}")
+
+
+def _api_key(row: tuple[Any, ...]) -> ApiKey:
+    kid, account_id, account_name, name, prefix, key_hash, rpm, tpm, revoked, created = row
+    return ApiKey(
+        id=kid,
+        account_id=account_id,
+        account_name=account_name,
+        name=name,
+        prefix=prefix,
+        key_hash=key_hash,
+        rpm=rpm,
+        tpm=tpm,
+        revoked=bool(revoked),
+        created_at=created,
+    )
+
+
+def _ledger_row(row: tuple[Any, ...]) -> LedgerRow:
+    values = list(row)
+    values[8] = bool(values[8])  # estimated
+    return LedgerRow(*values)

@@ -1,0 +1,269 @@
+"""Real processes for the gateway tests: `bastion sim` upstreams and a `bastion serve`.
+
+Nothing is mocked: the gateway runs as the operator would run it, from a TOML file,
+on a fresh SQLite ledger, in front of simulator processes; the client is the
+official `openai` SDK. Each test makes its own account and key through the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bastion.money import parse_usd
+from bastion.store import Account, LedgerRow, open_store
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up within {timeout}s")
+
+
+def start(args: list[str], health: str, **kwargs: object) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bastion", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=kwargs.pop("stderr", None),  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]
+    )
+    wait_http(health, proc)
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def sim_port() -> Iterator[int]:
+    port = free_port()
+    proc = start(["sim", "--port", str(port)], f"http://127.0.0.1:{port}/health")
+    yield port
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def slow_sim_port() -> Iterator[int]:
+    """A simulator emitting 5 tokens/s: deltas 200 ms apart, to watch them arrive."""
+    port = free_port()
+    proc = start(
+        ["sim", "--port", str(port), "--tokens-per-s", "5"], f"http://127.0.0.1:{port}/health"
+    )
+    yield port
+    stop(proc)
+
+
+GATEWAY_TOML = """
+refresh_interval_s = 0.2
+
+[server]
+host = "127.0.0.1"
+port = {port}
+max_body_bytes = 1_000_000
+
+[database]
+url = "sqlite:///{db}"
+
+[ratelimit]
+url = "memory://"
+default_rpm = 100000
+default_tpm = 100000000
+
+[[upstreams]]
+name = "sim"
+url = "http://127.0.0.1:{sim}/v1"
+api_key = "upstream-secret"
+
+[[upstreams]]
+name = "slow"
+url = "http://127.0.0.1:{slow}/v1"
+
+[[upstreams]]
+name = "impatient"
+url = "http://127.0.0.1:{sim}/v1"
+read_timeout_s = 1
+
+[[upstreams]]
+name = "dead"
+url = "http://127.0.0.1:{dead}/v1"
+connect_timeout_s = 1
+
+[[models]]
+id = "gpt-oss-120b"
+endpoints = ["responses", "chat"]
+upstreams = ["sim"]
+input_price = "0.10"
+output_price = "0.50"
+max_output_tokens = 4096
+
+[[models]]
+id = "Mistral-7B-Instruct-v0.3"
+endpoints = ["chat"]
+upstreams = ["sim"]
+input_price = "0.02"
+output_price = "0.04"
+max_output_tokens = 4096
+
+[[models]]
+id = "alias"
+upstream_model = "org/real-model"
+endpoints = ["responses", "chat"]
+upstreams = ["sim"]
+input_price = "1.00"
+output_price = "2.00"
+max_output_tokens = 1024
+
+[[models]]
+id = "slow-model"
+endpoints = ["responses", "chat"]
+upstreams = ["slow"]
+input_price = "1.00"
+output_price = "2.00"
+max_output_tokens = 1024
+
+[[models]]
+id = "dead-model"
+endpoints = ["responses", "chat"]
+upstreams = ["dead"]
+input_price = "1.00"
+output_price = "2.00"
+max_output_tokens = 1024
+{faults}
+"""
+
+FAULT_MODEL = """
+[[models]]
+id = "fault-{mode}"
+upstream_model = "m@{mode}"
+endpoints = ["responses", "chat"]
+upstreams = ["{upstream}"]
+input_price = "1.00"
+output_price = "2.00"
+max_output_tokens = 1024
+"""
+
+FAULTS = ("500", "503", "cut", "malformed", "error-event", "400", "401", "hang", "stall")
+
+
+@dataclass
+class Gateway:
+    url: str  # base URL for the SDK: http://127.0.0.1:PORT/v1
+    root: str  # http://127.0.0.1:PORT
+    config_path: Path
+    db_url: str
+    proc: subprocess.Popen
+
+    def run(self, coro):  # noqa: ANN001, ANN201
+        return asyncio.run(coro)
+
+    def new_key(
+        self, credit: str = "10.00", rpm: int | None = None, tpm: int | None = None
+    ) -> tuple[str, str]:
+        """A fresh account with ``credit`` USD and a key for it, once the gateway knows it."""
+        name = "acct-" + uuid.uuid4().hex[:10]
+
+        async def make() -> str:
+            store = open_store(self.db_url)
+            try:
+                await store.migrate()
+                await store.create_account(name, parse_usd(credit))
+                _, key = await store.create_key(name, name="test", rpm=rpm, tpm=tpm)
+                return key
+            finally:
+                await store.close()
+
+        key = self.run(make())
+        self.wait_for_key(key)
+        return key, name
+
+    def wait_for_key(self, key: str, present: bool = True, timeout: float = 5.0) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            status = httpx.get(
+                f"{self.url}/models", headers={"Authorization": f"Bearer {key}"}
+            ).status_code
+            if (status == 200) == present:
+                return time.monotonic() - started
+            time.sleep(0.05)
+        raise AssertionError(f"key not {'accepted' if present else 'refused'} in {timeout}s")
+
+    def store_call(self, method: str, *args: object, **kwargs: object):  # noqa: ANN201
+        async def call():  # noqa: ANN202
+            store = open_store(self.db_url)
+            try:
+                return await getattr(store, method)(*args, **kwargs)
+            finally:
+                await store.close()
+
+        return self.run(call())
+
+    def account(self, name: str) -> Account:
+        return self.store_call("get_account", name)
+
+    def ledger(self, name: str) -> list[LedgerRow]:
+        return self.store_call("usage", name)
+
+    def settled(self, name: str, rows: int, timeout: float = 5.0) -> list[LedgerRow]:
+        """Wait until ``rows`` ledger rows of account ``name`` are durable, then return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.ledger(name)
+            if len(found) >= rows or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    tmp_path_factory: pytest.TempPathFactory, sim_port: int, slow_sim_port: int
+) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("gateway")
+    port = free_port()
+    db = tmp / "bastion.db"
+    faults = "".join(
+        FAULT_MODEL.format(mode=m, upstream="impatient" if m in ("hang", "stall") else "sim") for m in FAULTS
+    )
+    config = tmp / "bastion.toml"
+    config.write_text(
+        GATEWAY_TOML.format(
+            port=port, db=db, sim=sim_port, slow=slow_sim_port, dead=free_port(), faults=faults
+        )
+    )
+    env = {**os.environ, "BASTION_ADMIN_TOKEN": "test-admin-token"}
+    proc = start(
+        ["serve", "--config", str(config)], f"http://127.0.0.1:{port}/healthz", env=env
+    )
+    yield Gateway(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", config,
+                  f"sqlite:///{db}", proc)
+    stop(proc)

@@ -1,0 +1,417 @@
+"""The real ``bastion`` command in a subprocess, against a temp config and SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import types
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from bastion import cli
+from bastion.auth import hash_key, well_formed
+from bastion.config import Config
+from bastion.store import LedgerRow
+from bastion.store.sqlite import SQLiteStore
+
+
+class Env:
+    """A temp config + database, and a way to run the CLI against them."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp
+        self.db = tmp / "x.db"
+        self.url = f"sqlite:///{self.db}"  # absolute path: sqlite:////tmp/…/x.db
+        self.config = tmp / "b.toml"
+        self.config.write_text(
+            f'[database]\nurl = "{self.url}"\n\n[ratelimit]\ndefault_rpm = 77\ndefault_tpm = 9999\n'
+        )
+
+    def run(self, *args: str, config: bool = True, env: dict[str, str] | None = None) -> Any:
+        argv = [sys.executable, "-m", "bastion", *args]
+        if config:
+            argv += ["--config", str(self.config)]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+        base["COLUMNS"] = "250"
+        return subprocess.run(
+            argv, capture_output=True, text=True, cwd=self.dir, env={**base, **(env or {})}
+        )
+
+    def ok(self, *args: str) -> Any:
+        """Run, require exit 0, and parse stdout as JSON when --json was given."""
+        proc = self.run(*args)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout) if "--json" in args else proc.stdout
+
+    def fails(self, *args: str, message: str) -> str:
+        """Run, require exit 1 with one clear line on stderr and no traceback."""
+        proc = self.run(*args)
+        assert proc.returncode == 1, (proc.stdout, proc.stderr)
+        assert "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+        assert message in lines[0], lines[0]
+        assert proc.stdout == ""
+        return lines[0]
+
+    def store_call(self, fn_name: str, *args: Any) -> Any:
+        async def go() -> Any:
+            store = SQLiteStore(self.url)
+            try:
+                return await getattr(store, fn_name)(*args)
+            finally:
+                await store.close()
+
+        return asyncio.run(go())
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+def us(iso: str) -> int:
+    return int(datetime.fromisoformat(iso).timestamp()) * 1_000_000
+
+
+# ---- accounts -------------------------------------------------------------------------
+
+
+def test_accounts_create_show_list(env: Env) -> None:
+    created = env.ok("accounts", "create", "acme", "--credit", "10", "--json")
+    assert set(created) == {"id", "name", "balance"}
+    assert created["id"].startswith("acct_")
+    assert (created["name"], created["balance"]) == ("acme", "10.00")
+
+    plain = env.ok("accounts", "create", "beta", "--json")
+    assert plain["balance"] == "0.00"
+
+    shown = env.ok("accounts", "show", "acme", "--json")
+    assert shown == {
+        "id": created["id"],
+        "name": "acme",
+        "balance": "10.00",
+        "reserved": "0.00",
+        "spent": "0.00",
+    }
+    listed = env.ok("accounts", "list", "--json")
+    assert [a["name"] for a in listed] == ["acme", "beta"]
+    assert listed[0] == shown
+
+    human = env.ok("accounts", "list")
+    assert "acme" in human and "$10.00" in human and created["id"] in human
+    human = env.ok("accounts", "create", "gamma", "--credit", "0.5")
+    assert "Created account gamma" in human and "$0.50" in human
+
+
+def test_options_before_arguments_too(env: Env) -> None:
+    env.ok("accounts", "create", "acme")
+    proc = env.run("accounts", "show", "--json", "acme")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["name"] == "acme"
+
+
+def test_accounts_create_refusals(env: Env) -> None:
+    env.ok("accounts", "create", "acme", "--credit", "1")
+    env.fails("accounts", "create", "acme", message="already exists")
+    env.fails("accounts", "create", "x", "--credit", "1.0000000001", message="9 decimal places")
+    env.fails("accounts", "create", "y", "--credit", "ten", message="not a decimal amount")
+    env.fails("accounts", "create", "z", "--credit", "-1", message="negative")
+    assert [a["name"] for a in env.ok("accounts", "list", "--json")] == ["acme"]
+
+
+def test_accounts_credit_both_negative_forms(env: Env) -> None:
+    env.ok("accounts", "create", "acme", "--credit", "2")
+    up = env.ok("accounts", "credit", "acme", "1.25", "--json")
+    assert up["balance"] == "3.25" and set(up) == {"id", "name", "balance", "reserved", "spent"}
+    down = env.ok("accounts", "credit", "acme", "-0.50", "--json")
+    assert down["balance"] == "2.75"
+    # after "--", with options before it and after it
+    proc = env.run("accounts", "credit", "--json", "acme", "--", "-0.25")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["balance"] == "2.50"
+    after = env.ok("accounts", "credit", "acme", "--", "-0.000000001", "--json")
+    assert after["balance"] == "2.499999999"
+    human = env.ok("accounts", "credit", "acme", "-0.499999999")
+    assert "Took back $0.499999999" in human and "$2.00" in human
+
+
+def test_accounts_credit_refusals_change_nothing(env: Env) -> None:
+    env.ok("accounts", "create", "acme", "--credit", "1")
+    env.fails("accounts", "credit", "acme", "-1.01", message="balance is 1.00 USD")
+    env.fails("accounts", "credit", "acme", "--", "-5", message="balance is 1.00 USD")
+    env.fails("accounts", "credit", "acme", "0.0000000001", message="9 decimal places")
+    env.fails("accounts", "credit", "acme", "1,5", message="not a decimal amount")
+    env.fails("accounts", "credit", "acme", "nan", message="not a finite amount")
+    env.fails("accounts", "credit", "acme", "0", message="zero")
+    env.fails("accounts", "credit", "ghost", "1", message="no account named 'ghost'")
+    env.fails("accounts", "show", "ghost", message="no account named 'ghost'")
+    assert env.ok("accounts", "show", "acme", "--json")["balance"] == "1.00"
+    with closing(sqlite3.connect(env.db)) as conn:  # only the initial grant was recorded
+        assert conn.execute("SELECT amount FROM credits").fetchall() == [(1_000_000_000,)]
+
+
+def test_accounts_show_reserved_and_spent(env: Env) -> None:
+    acct = env.ok("accounts", "create", "acme", "--credit", "5", "--json")
+    key = env.ok("keys", "create", "--account", "acme", "--json")
+    env.store_call("set_reservations", "gw-test", {acct["id"]: 250_000_000})
+    env.store_call(
+        "write_ledger",
+        [LedgerRow("r1", acct["id"], key["id"], "m", "chat", 1, 2, 1_500_000_000, False, "200", 1)],
+    )
+    shown = env.ok("accounts", "show", "acme", "--json")
+    assert (shown["balance"], shown["reserved"], shown["spent"]) == ("3.50", "0.25", "1.50")
+
+
+# ---- keys -----------------------------------------------------------------------------
+
+
+def test_keys_create_list_update_revoke(env: Env) -> None:
+    env.ok("accounts", "create", "acme")
+    made = env.ok("keys", "create", "--account", "acme", "--name", "ci", "--rpm", "5", "--json")
+    assert set(made) == {"id", "key", "account", "name", "rpm", "tpm"}
+    assert made["id"].startswith("key_") and well_formed(made["key"])
+    # rpm: the override; tpm: the config file's default, not the built-in one
+    assert (made["account"], made["name"], made["rpm"], made["tpm"]) == ("acme", "ci", 5, 9999)
+    default = env.ok("keys", "create", "--json", "--account", "acme")
+    assert (default["rpm"], default["tpm"], default["name"]) == (77, 9999, "")
+
+    snapshot = env.store_call("snapshot")
+    assert snapshot.keys[hash_key(made["key"])].id == made["id"]
+
+    listed = env.ok("keys", "list", "--json")
+    assert [k["id"] for k in listed] == [made["id"], default["id"]]
+    first = listed[0]
+    assert first["prefix"] == made["key"][:12]
+    assert (first["rpm"], first["tpm"], first["revoked"]) == (5, 9999, False)
+    assert (first["rpm_default"], first["tpm_default"]) == (False, True)
+    assert made["key"] not in json.dumps(listed)
+    human = env.ok("keys", "list", "--account", "acme")
+    assert made["id"] in human and made["key"] not in human and "active" in human
+
+    updated = env.ok("keys", "update", made["id"], "--tpm", "0", "--json")
+    assert (updated["rpm"], updated["tpm"], updated["tpm_default"]) == (5, 0, False)
+    updated = env.ok("keys", "update", made["id"], "--rpm", "9", "--json")
+    assert (updated["rpm"], updated["tpm"]) == (9, 0)
+    assert "unlimited" in env.ok("keys", "list")
+
+    revoked = env.ok("keys", "revoke", made["id"], "--json")
+    assert revoked["revoked"] is True and revoked["id"] == made["id"]
+    assert "revoked" in env.ok("keys", "list")
+    snapshot = env.store_call("snapshot")
+    assert hash_key(made["key"]) not in snapshot.keys
+    assert hash_key(default["key"]) in snapshot.keys
+
+
+def test_keys_refusals(env: Env) -> None:
+    env.ok("accounts", "create", "acme")
+    env.fails("keys", "create", "--account", "ghost", message="no account named 'ghost'")
+    env.fails("keys", "create", "--account", "acme", "--rpm", "-1", message="rpm")
+    env.fails("keys", "list", "--account", "ghost", message="no account named")
+    env.fails("keys", "update", "key_000000000000", "--rpm", "1", message="no key with id")
+    env.fails("keys", "update", "key_000000000000", message="nothing to change")
+    env.fails("keys", "revoke", "key_000000000000", message="no key with id")
+    assert env.ok("keys", "list", "--json") == []
+
+
+def test_keys_create_human_shows_key_once(env: Env) -> None:
+    env.ok("accounts", "create", "acme")
+    out = env.ok("keys", "create", "--account", "acme")
+    key = next(w for w in out.split() if w.startswith("qbt_"))
+    assert well_formed(key)
+    assert hash_key(key) in env.store_call("snapshot").keys
+
+
+# ---- usage ----------------------------------------------------------------------------
+
+
+def _seed_usage(env: Env) -> tuple[dict[str, Any], dict[str, Any]]:
+    a = env.ok("accounts", "create", "acme", "--credit", "10", "--json")
+    b = env.ok("accounts", "create", "beta", "--credit", "10", "--json")
+    ka = env.ok("keys", "create", "--account", "acme", "--json")
+    kb = env.ok("keys", "create", "--account", "beta", "--json")
+    t = us("2025-01-31T12:00:00+00:00")
+    rows = [
+        LedgerRow("r-early", a["id"], ka["id"], "gpt-oss-120b", "responses", 10, 20, 1, False,
+                  "200", t - 1),
+        LedgerRow("r-noon", a["id"], ka["id"], "Qwen3-32B", "chat", 3, 4, 123_456_789, True,
+                  "cancelled", t),
+        LedgerRow("r-beta", b["id"], kb["id"], "gpt-oss-20b", "chat", 5, 6, 2_000_000_000, False,
+                  "502", t + 1_800_000_000),
+    ]  # fmt: skip
+    assert env.store_call("write_ledger", rows) == 3
+    return a, ka
+
+
+def test_usage_json(env: Env) -> None:
+    _, ka = _seed_usage(env)
+    rows = env.ok("usage", "--json")
+    assert [r["request_id"] for r in rows] == ["r-early", "r-noon", "r-beta"]
+    assert rows[1] == {
+        "request_id": "r-noon",
+        "account": "acme",
+        "key_id": ka["id"],
+        "model": "Qwen3-32B",
+        "endpoint": "chat",
+        "input_tokens": 3,
+        "output_tokens": 4,
+        "cost": "0.123456789",
+        "estimated": True,
+        "status": "cancelled",
+        "created_at": "2025-01-31T12:00:00.000000Z",
+    }
+    assert rows[0]["created_at"] == "2025-01-31T11:59:59.999999Z"
+    assert rows[0]["cost"] == "0.000000001" and rows[0]["estimated"] is False
+    assert rows[2]["account"] == "beta" and rows[2]["status"] == "502"
+    assert [r["request_id"] for r in env.ok("usage", "--account", "acme", "--json")] == [
+        "r-early",
+        "r-noon",
+    ]
+    assert env.ok("accounts", "show", "acme", "--json")["spent"] == "0.12345679"
+
+
+def test_usage_since_with_and_without_offset(env: Env) -> None:
+    _seed_usage(env)
+
+    def since(value: str, *extra: str) -> list[str]:
+        return [r["request_id"] for r in env.ok("usage", "--since", value, *extra, "--json")]
+
+    assert since("2025-01-31T12:00:00") == ["r-noon", "r-beta"]  # no offset: UTC
+    assert since("2025-01-31T12:00:00Z") == ["r-noon", "r-beta"]
+    assert since("2025-01-31T13:00:00+01:00") == ["r-noon", "r-beta"]
+    assert since("2025-01-31T07:00:00.000001-05:00") == ["r-beta"]
+    assert since("2025-01-31") == ["r-early", "r-noon", "r-beta"]
+    assert since("2025-01-31T12:00:00", "--account", "acme") == ["r-noon"]
+    env.fails("usage", "--since", "yesterday", message="not an ISO 8601 time")
+    env.fails("usage", "--account", "ghost", message="no account named")
+
+
+def test_usage_human(env: Env) -> None:
+    _seed_usage(env)
+    out = env.ok("usage")
+    assert "r-noon" in out and "Qwen3-32B" in out and "(est.)" in out
+    assert "3 requests, $2.12345679" in out
+
+
+# ---- config handling ------------------------------------------------------------------
+
+
+def test_bastion_config_env_var(env: Env) -> None:
+    proc = env.run(
+        "accounts", "create", "viaenv", "--json", config=False,
+        env={"BASTION_CONFIG": str(env.config)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert env.store_call("get_account", "viaenv").name == "viaenv"
+
+
+def test_database_url_env_overrides(env: Env, tmp_path: Path) -> None:
+    env.ok("accounts", "create", "acme")
+    other = tmp_path / "other.db"
+    proc = env.run(
+        "accounts", "create", "elsewhere", "--json",
+        env={"BASTION_DATABASE_URL": f"sqlite:///{other}"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [a["name"] for a in env.ok("accounts", "list", "--json")] == ["acme"]
+    with closing(sqlite3.connect(other)) as conn:
+        assert conn.execute("SELECT name FROM accounts").fetchall() == [("elsewhere",)]
+
+
+def test_relative_sqlite_url_is_relative_to_cwd(env: Env) -> None:
+    env.config.write_text('[database]\nurl = "sqlite:///rel.db"\n')
+    env.ok("accounts", "create", "acme")
+    assert (env.dir / "rel.db").is_file()
+
+
+def test_bad_config_is_one_line(env: Env) -> None:
+    env.config.write_text("[database\n")
+    env.fails("accounts", "list", message=str(env.config))
+    env.config.unlink()
+    env.fails("accounts", "list", message="cannot read config")
+    env.config.write_text('[database]\nurl = "mysql://x"\n')
+    env.fails("accounts", "list", message="unsupported database url")
+
+
+# ---- serve / sim / demo wiring (in-process, the implementations replaced) --------------
+
+
+@pytest.fixture
+def fake_modules(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
+    calls: dict[str, list[Any]] = {"serve": [], "sim": [], "demo": []}
+    app_mod = types.ModuleType("bastion.app")
+    app_mod.serve = lambda config, **kw: calls["serve"].append((config, kw))  # type: ignore[attr-defined]
+    sim_mod = types.ModuleType("bastion.sim")
+    sim_mod.run = lambda **kw: calls["sim"].append(kw)  # type: ignore[attr-defined]
+    demo_mod = types.ModuleType("bastion.demo")
+    demo_mod.run = lambda config: calls["demo"].append(config)  # type: ignore[attr-defined]
+    for name, mod in (
+        ("bastion.app", app_mod),
+        ("bastion.sim", sim_mod),
+        ("bastion.demo", demo_mod),
+    ):
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delenv("BASTION_CONFIG", raising=False)
+    return calls
+
+
+def test_serve_sim_demo_wiring(env: Env, fake_modules: dict[str, list[Any]]) -> None:
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["serve", "--config", str(env.config)])
+    assert result.exit_code == 0, result.output
+    config, kw = fake_modules["serve"][0]
+    assert isinstance(config, Config) and config.database_url == env.url
+    assert kw == {"host": None, "port": None, "workers": 1}
+
+    result = runner.invoke(
+        cli.app, ["serve", "--host", "0.0.0.0", "--port", "9000", "--workers", "4"]
+    )
+    assert result.exit_code == 0, result.output
+    assert fake_modules["serve"][1][1] == {"host": "0.0.0.0", "port": 9000, "workers": 4}
+
+    result = runner.invoke(cli.app, ["sim"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        cli.app, ["sim", "--port", "8001", "--ttft-ms", "50", "--tokens-per-s", "12.5"]
+    )
+    assert result.exit_code == 0, result.output
+    assert fake_modules["sim"] == [
+        {"host": "127.0.0.1", "port": 8000, "ttft_ms": 0.0, "tokens_per_s": 0.0},
+        {"host": "127.0.0.1", "port": 8001, "ttft_ms": 50.0, "tokens_per_s": 12.5},
+    ]
+
+    result = runner.invoke(cli.app, ["demo", "--config", str(env.config)])
+    assert result.exit_code == 0, result.output
+    assert fake_modules["demo"][0].database_url == env.url
+
+
+def test_missing_implementation_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "bastion.sim", None)  # import raises ImportError
+    monkeypatch.setattr(sys, "argv", ["bastion", "sim"])
+    with pytest.raises(SystemExit) as exc:
+        cli.main()
+    assert exc.value.code == 1
+
+
+def test_negative_after_dashes_rewrite() -> None:
+    rewrite = cli._negative_after_dashes
+    assert rewrite(["accounts", "credit", "a", "--", "-0.5", "--json"]) == [
+        "accounts", "credit", "a", "-0.5", "--json",
+    ]  # fmt: skip
+    assert rewrite(["accounts", "credit", "a", "--", "5"]) == ["accounts", "credit", "a", "--", "5"]
+    assert rewrite(["accounts", "show", "--", "-x"]) == ["accounts", "show", "--", "-x"]
+
+
+def test_iso_and_since_are_exact() -> None:
+    moment = datetime(2025, 1, 31, 12, 0, 0, 1, tzinfo=UTC)
+    micros = cli._parse_since(moment.isoformat())
+    assert cli._iso(micros) == "2025-01-31T12:00:00.000001Z"
+    assert cli._parse_since("2025-01-31T12:00:00.000001") == micros

@@ -1,0 +1,252 @@
+"""The client API of SPEC §1 through the official SDK: answers, errors, headers."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+from openai import OpenAI
+
+from bastion.sim import reply_text
+
+
+def client(gateway, key: str) -> OpenAI:
+    return OpenAI(base_url=gateway.url, api_key=key, max_retries=0, timeout=20)
+
+
+def post(gateway, path: str, key: str | None, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    headers.update(kwargs.pop("headers", {}))
+    return httpx.post(gateway.url + path, headers=headers, timeout=20, **kwargs)
+
+
+def assert_error(resp: httpx.Response, status: int, code: str, param: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    error = resp.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code
+    assert error["param"] == param
+    assert error["message"]
+    assert resp.headers["x-request-id"].startswith("req_")
+    return error
+
+
+def test_reference_example_through_the_sdk(gateway):
+    key, account = gateway.new_key()
+    res = client(gateway, key).responses.create(
+        model="gpt-oss-120b", input="Reply with: ok", max_output_tokens=32, store=False
+    )
+    assert res.output_text == "ok"
+    assert res.model == "gpt-oss-120b"
+    [row] = gateway.settled(account, 1)
+    assert (row.input_tokens, row.output_tokens) == (res.usage.input_tokens, res.usage.output_tokens)
+    assert row.model == "gpt-oss-120b" and row.endpoint == "responses" and row.status == "200"
+    assert not row.estimated and row.cost > 0
+    assert row.request_id == res._request_id
+
+
+def test_chat_completion_and_chat_only_model(gateway):
+    key, account = gateway.new_key()
+    messages = [{"role": "user", "content": "Reply with: fine"}]
+    chat = client(gateway, key).chat.completions.create(
+        model="Mistral-7B-Instruct-v0.3", messages=messages
+    )
+    assert chat.choices[0].message.content == "fine"
+    [row] = gateway.settled(account, 1)
+    assert row.endpoint == "chat" and row.output_tokens == chat.usage.completion_tokens
+
+
+def test_models_lists_the_catalogue_and_needs_a_key(gateway):
+    key, account = gateway.new_key()
+    models = client(gateway, key).models.list()
+    ids = {m.id for m in models.data}
+    assert {"gpt-oss-120b", "Mistral-7B-Instruct-v0.3", "alias"} <= ids
+    assert all(m.object == "model" and m.owned_by for m in models.data)
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, "qbt_" + "x" * 43).models.list()
+    assert gateway.account(account).spent == 0  # listing models is free
+
+
+@pytest.mark.parametrize(
+    "header",
+    [None, "Bearer", "Basic abc", "Bearer not-a-bastion-key", "Bearer qbt_" + "A" * 43],
+)
+def test_401_for_missing_malformed_unknown_keys(gateway, header):
+    headers = {"Authorization": header} if header else {}
+    resp = httpx.post(
+        gateway.url + "/responses", headers=headers, json={"model": "gpt-oss-120b", "input": "x"}
+    )
+    assert_error(resp, 401, "invalid_api_key")
+
+
+def test_revoked_key_is_refused_within_five_seconds(gateway):
+    key, _ = gateway.new_key()
+    [api_key] = [k for k in gateway.store_call("list_keys") if key.startswith(k.prefix)]
+    gateway.store_call("revoke_key", api_key.id)
+    assert gateway.wait_for_key(key, present=False) < 5
+    resp = post(gateway, "/responses", key, json={"model": "gpt-oss-120b", "input": "x"})
+    assert_error(resp, 401, "invalid_api_key")
+
+
+def test_400_invalid_request_names_the_field(gateway):
+    key, _ = gateway.new_key()
+    assert_error(post(gateway, "/responses", key, content=b"{not json"), 400, "invalid_request")
+    assert_error(post(gateway, "/responses", key, json=[1, 2]), 400, "invalid_request")
+    missing = post(gateway, "/responses", key, json={"model": "gpt-oss-120b"})
+    assert_error(missing, 400, "invalid_request", "input")
+    bad_temp = {"model": "gpt-oss-120b", "input": "x", "temperature": 7}
+    assert_error(post(gateway, "/responses", key, json=bad_temp), 400, "invalid_request",
+                 "temperature")
+    no_messages = {"model": "gpt-oss-120b", "messages": []}
+    assert_error(post(gateway, "/chat/completions", key, json=no_messages), 400,
+                 "invalid_request", "messages")
+
+
+def test_400_model_not_found_and_wrong_endpoint(gateway):
+    key, _ = gateway.new_key()
+    with pytest.raises(openai.BadRequestError) as err:
+        client(gateway, key).responses.create(model="no-such-model", input="x")
+    assert err.value.code == "model_not_found" and err.value.param == "model"
+    resp = post(gateway, "/responses", key, json={"model": "Mistral-7B-Instruct-v0.3",
+                                                  "input": "x"})
+    error = assert_error(resp, 400, "model_not_found", "model")
+    assert "/v1/chat/completions" in error["message"]
+
+
+def test_404_unknown_path_and_stored_response_paths(gateway):
+    key, _ = gateway.new_key()
+    assert_error(httpx.get(gateway.root + "/v2/nothing"), 404, "not_found")
+    c = client(gateway, key)
+    with pytest.raises(openai.NotFoundError, match="stores no responses"):
+        c.responses.retrieve("resp_123")
+    with pytest.raises(openai.NotFoundError):
+        c.responses.delete("resp_123")
+    with pytest.raises(openai.NotFoundError):
+        c.responses.input_items.list("resp_123")
+
+
+def test_413_body_over_the_limit(gateway):
+    key, account = gateway.new_key()
+    big = b'{"model":"gpt-oss-120b","input":"' + b"x" * 1_100_000 + b'"}'
+    assert_error(post(gateway, "/responses", key, content=big), 413, "request_too_large")
+    assert gateway.ledger(account) == []
+
+
+def test_429_with_retry_headers_then_smooth_refill(gateway):
+    key, _ = gateway.new_key(rpm=2)
+    body = {"model": "gpt-oss-120b", "input": "Reply with: ok", "max_output_tokens": 16}
+    first = post(gateway, "/responses", key, json=body)
+    assert first.status_code == 200
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    for name in ("limit", "remaining", "reset"):
+        assert f"x-ratelimit-{name}-tokens" in first.headers
+    assert post(gateway, "/responses", key, json=body).status_code == 200
+    refused = post(gateway, "/responses", key, json=body)
+    assert_error(refused, 429, "rate_limit_exceeded")
+    assert 1 <= int(refused.headers["retry-after"]) <= 30
+    assert 0 < int(refused.headers["retry-after-ms"]) <= 30_000
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    with pytest.raises(openai.RateLimitError):
+        client(gateway, key).responses.create(model="gpt-oss-120b", input="x")
+
+
+def test_429_for_tokens_per_minute(gateway):
+    """Admission charges the worst case; settlement gives back what was not used."""
+    key, _ = gateway.new_key(tpm=3000)
+    body = {"model": "gpt-oss-120b", "input": "hello", "max_output_tokens": 2000}
+    assert post(gateway, "/responses", key, json=body).status_code == 200  # used ~22
+    nearly_all = {**body, "max_output_tokens": 2950}
+    error = assert_error(post(gateway, "/responses", key, json=nearly_all), 429,
+                         "rate_limit_exceeded")
+    assert "tokens" in error["message"]
+    assert post(gateway, "/responses", key, json=body).status_code == 200
+    too_big = {**body, "max_output_tokens": 4000}
+    error = assert_error(post(gateway, "/responses", key, json=too_big), 429,
+                         "rate_limit_exceeded")
+    assert "Request too large" in error["message"]
+
+
+def test_limit_change_applies_within_five_seconds(gateway):
+    key, _ = gateway.new_key(rpm=1)
+    body = {"model": "gpt-oss-120b", "input": "x", "max_output_tokens": 16}
+    assert post(gateway, "/responses", key, json=body).status_code == 200
+    assert post(gateway, "/responses", key, json=body).status_code == 429
+    [api_key] = [k for k in gateway.store_call("list_keys") if key.startswith(k.prefix)]
+    gateway.store_call("update_key", api_key.id, rpm=1000)
+    import time
+
+    deadline = time.monotonic() + 5
+    while post(gateway, "/responses", key, json=body).status_code == 429:
+        assert time.monotonic() < deadline, "limit change not applied within 5 s"
+        time.sleep(0.1)
+
+
+def test_502_upstream_errors(gateway):
+    key, account = gateway.new_key()
+    c = client(gateway, key)
+    for model in ("fault-500", "fault-503", "fault-401", "dead-model", "fault-malformed"):
+        with pytest.raises(openai.InternalServerError) as err:
+            c.responses.create(model=model, input="x", max_output_tokens=16)
+        assert err.value.status_code == 502 and err.value.code == "upstream_error", model
+    with pytest.raises(openai.InternalServerError):
+        c.chat.completions.create(model="fault-hang", messages=[{"role": "user", "content": "x"}])
+    # nothing was produced, so nothing is charged; rows exist for what reached the upstream
+    rows = gateway.settled(account, 5)
+    assert all(r.cost == 0 and r.status == "502" for r in rows)
+    assert gateway.account(account).balance == 10_000_000_000
+
+
+def test_store_true_gets_502_that_says_send_store_false(gateway):
+    key, _ = gateway.new_key()
+    resp = post(gateway, "/responses", key, json={"model": "gpt-oss-120b", "input": "x",
+                                                  "store": True})
+    error = assert_error(resp, 502, "upstream_error")
+    assert '"store": false' in error["message"]
+    assert resp.headers["x-should-retry"] == "false"
+
+
+def test_upstream_4xx_about_the_request_keeps_its_status(gateway):
+    key, _ = gateway.new_key()
+    with pytest.raises(openai.BadRequestError) as err:
+        client(gateway, key).responses.create(model="fault-400", input="x")
+    assert err.value.status_code == 400
+    assert err.value.code and err.value.message
+
+
+def test_renamed_model_is_written_back(gateway):
+    key, account = gateway.new_key()
+    c = client(gateway, key)
+    res = c.responses.create(model="alias", input="Reply with: hi")
+    assert res.model == "alias" and res.output_text == "hi"
+    chat = c.chat.completions.create(model="alias", messages=[{"role": "user", "content": "x"}])
+    assert chat.model == "alias"
+    events = list(c.responses.create(model="alias", input="x", stream=True))
+    assert events[0].response.model == "alias" and events[-1].response.model == "alias"
+    chunks = list(c.chat.completions.create(
+        model="alias", messages=[{"role": "user", "content": "x"}], stream=True
+    ))
+    assert {ch.model for ch in chunks} == {"alias"}
+    assert {r.model for r in gateway.settled(account, 4)} == {"alias"}
+
+
+def test_request_id_on_every_response(gateway):
+    for resp in (httpx.get(gateway.root + "/healthz"), httpx.get(gateway.root + "/nope"),
+                 httpx.get(gateway.url + "/models")):
+        assert resp.headers["x-request-id"].startswith("req_")
+
+
+def test_health_readiness_and_metrics_need_no_key(gateway):
+    assert httpx.get(gateway.root + "/healthz").status_code == 200
+    assert httpx.get(gateway.root + "/readyz").json() == {"status": "ready"}
+    metrics = httpx.get(gateway.root + "/metrics").text
+    assert "bastion_requests_total" in metrics
+    assert "bastion_overhead_seconds_bucket" in metrics
+
+
+def test_default_output_cap_is_sent_upstream(gateway):
+    """No cap from the client: the model's max_output_tokens goes upstream (echoed back)."""
+    key, _ = gateway.new_key()
+    res = client(gateway, key).responses.create(model="gpt-oss-120b", input="Reply with: ok")
+    assert res.max_output_tokens == 4096
+    assert reply_text({"model": "gpt-oss-120b", "input": "Reply with: ok"}) == "ok"

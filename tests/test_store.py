@@ -1,0 +1,440 @@
+"""SQLiteStore against a real temp file: every Store method, and the money invariant."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from bastion.auth import hash_key, well_formed
+from bastion.store import LedgerRow, Store, StoreError, open_store
+from bastion.store.migrate import load_migrations, split_statements
+from bastion.store.sqlite import SQLiteStore, sqlite_path
+
+
+@pytest.fixture
+def db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'bastion.db'}"  # tmp_path is absolute: sqlite:////…
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    s = open_store(db_url)
+    await s.migrate()
+    yield s
+    await s.close()
+
+
+def _now() -> int:
+    return time.time_ns() // 1000
+
+
+def row(request_id: str, account_id: str, key_id: str, cost: int, **kw: object) -> LedgerRow:
+    values: dict[str, object] = {
+        "request_id": request_id,
+        "account_id": account_id,
+        "key_id": key_id,
+        "model": "gpt-oss-120b",
+        "endpoint": "responses",
+        "input_tokens": 10,
+        "output_tokens": 20,
+        "cost": cost,
+        "estimated": False,
+        "status": "200",
+        "created_at": _now(),
+    }
+    values.update(kw)
+    return LedgerRow(**values)  # type: ignore[arg-type]
+
+
+def invariant_holds(path: str) -> dict[str, tuple[int, int, int]]:
+    """balance == Σ credits − Σ ledger, and spent == Σ ledger, read straight from the file."""
+    conn = sqlite3.connect(path)
+    try:
+        result = {}
+        for account_id, balance, spent in conn.execute("SELECT id, balance, spent FROM accounts"):
+            credits = conn.execute(
+                "SELECT COALESCE(SUM(amount), 0) FROM credits WHERE account_id = ?", (account_id,)
+            ).fetchone()[0]
+            costs = conn.execute(
+                "SELECT COALESCE(SUM(cost), 0) FROM ledger WHERE account_id = ?", (account_id,)
+            ).fetchone()[0]
+            assert balance == credits - costs, account_id
+            assert spent == costs, account_id
+            result[account_id] = (balance, credits, costs)
+        return result
+    finally:
+        conn.close()
+
+
+# ---- urls and migrations --------------------------------------------------------------
+
+
+def test_sqlite_url_forms() -> None:
+    assert sqlite_path("sqlite:///rel.db") == "rel.db"
+    assert sqlite_path("sqlite:///dir/rel.db") == "dir/rel.db"
+    assert sqlite_path("sqlite:////abs/path.db") == "/abs/path.db"
+    assert sqlite_path("sqlite://") == ":memory:"
+    with pytest.raises(StoreError):
+        sqlite_path("postgresql://x")
+
+
+def test_open_store_refuses_unknown_scheme() -> None:
+    with pytest.raises(StoreError, match="unsupported"):
+        open_store("mysql://x")
+
+
+async def test_relative_url_is_relative_to_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    s = open_store("sqlite:///rel.db")
+    await s.create_account("a")
+    await s.close()
+    assert (tmp_path / "rel.db").is_file()
+
+
+async def test_missing_directory_is_a_store_error(tmp_path: Path) -> None:
+    s = open_store(f"sqlite:///{tmp_path}/nope/x.db")
+    with pytest.raises(StoreError, match="directory does not exist"):
+        await s.ping()
+    await s.close()
+
+
+def test_split_statements() -> None:
+    sql = "-- comment\nCREATE TABLE a (x INT);\n\nCREATE INDEX i ON a (x);\n-- end\n"
+    assert split_statements(sql) == ["CREATE TABLE a (x INT)", "CREATE INDEX i ON a (x)"]
+
+
+def test_migrations_are_numbered_and_ordered() -> None:
+    migrations = load_migrations()
+    assert [m.version for m in migrations] == sorted(m.version for m in migrations)
+    assert migrations[0].version == 1 and migrations[0].name == "0001_init.sql"
+    assert any("CREATE TABLE ledger" in s for s in migrations[0].statements)
+
+
+async def test_migrate_twice_and_pragmas(store: SQLiteStore, db_url: str) -> None:
+    await store.migrate()
+    await store.migrate()
+    conn = sqlite3.connect(sqlite_path(db_url))
+    try:
+        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
+        assert versions == [m.version for m in load_migrations()]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        assert {"accounts", "credits", "api_keys", "ledger", "reservations"} <= tables
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+    # settings on the store's own connection
+    assert await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
+    assert await store._run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0]) == 10_000
+
+
+async def test_concurrent_migrate_from_many_stores(db_url: str) -> None:
+    stores = [SQLiteStore(db_url) for _ in range(6)]
+    await asyncio.gather(*(s.migrate() for s in stores))
+    await asyncio.gather(*(s.close() for s in stores))
+    conn = sqlite3.connect(sqlite_path(db_url))
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == len(
+            load_migrations()
+        )
+    finally:
+        conn.close()
+
+
+async def test_runs_off_the_event_loop_thread(store: SQLiteStore) -> None:
+    import threading
+
+    name = await store._run(lambda c: threading.current_thread().name)
+    assert name.startswith("bastion-sqlite")
+    assert name != threading.current_thread().name
+
+
+# ---- accounts -------------------------------------------------------------------------
+
+
+async def test_create_and_get_account(store: Store) -> None:
+    before = _now()
+    acct = await store.create_account("acme", 5_000_000_000)
+    assert acct.id.startswith("acct_") and len(acct.id) == 5 + 12
+    assert (acct.name, acct.balance, acct.spent, acct.reserved) == ("acme", 5_000_000_000, 0, 0)
+    assert before <= acct.created_at <= _now()
+    assert await store.get_account("acme") == acct
+    with pytest.raises(StoreError, match="no account named 'nobody'"):
+        await store.get_account("nobody")
+
+
+async def test_create_account_refusals(store: Store) -> None:
+    await store.create_account("acme")
+    with pytest.raises(StoreError, match="already exists"):
+        await store.create_account("acme", 100)
+    with pytest.raises(StoreError, match="empty"):
+        await store.create_account("")
+    with pytest.raises(StoreError, match="empty"):
+        await store.create_account("   ")
+    with pytest.raises(StoreError, match="negative"):
+        await store.create_account("neg", -1)
+    assert [a.name for a in await store.list_accounts()] == ["acme"]
+    assert (await store.get_account("acme")).balance == 0
+
+
+async def test_credit_and_refused_overdraft(store: SQLiteStore, db_url: str) -> None:
+    await store.create_account("acme", 1_000)
+    assert (await store.credit_account("acme", 500)).balance == 1_500
+    assert (await store.credit_account("acme", -1_500)).balance == 0
+    with pytest.raises(StoreError, match=r"balance is 0\.00 USD"):
+        await store.credit_account("acme", -1)
+    await store.credit_account("acme", 2_000_000_000)
+    with pytest.raises(StoreError, match=r"balance is 2\.00 USD"):
+        await store.credit_account("acme", -2_000_000_001)
+    with pytest.raises(StoreError, match="no account named"):
+        await store.credit_account("ghost", 5)
+    with pytest.raises(StoreError, match="zero"):
+        await store.credit_account("acme", 0)
+    assert (await store.get_account("acme")).balance == 2_000_000_000
+    (balance, credits, costs) = next(iter(invariant_holds(sqlite_path(db_url)).values()))
+    assert (balance, credits, costs) == (2_000_000_000, 2_000_000_000, 0)
+    conn = sqlite3.connect(sqlite_path(db_url))
+    try:  # one credits row per grant/take-back: 1000, 500, -1500, 2e9; nothing for refusals
+        amounts = [r[0] for r in conn.execute("SELECT amount FROM credits ORDER BY created_at")]
+    finally:
+        conn.close()
+    assert sorted(amounts) == sorted([1_000, 500, -1_500, 2_000_000_000])
+
+
+async def test_list_accounts_sorted(store: Store) -> None:
+    for name in ("zeta", "alpha", "mid"):
+        await store.create_account(name, 1)
+    assert [a.name for a in await store.list_accounts()] == ["alpha", "mid", "zeta"]
+
+
+# ---- keys -----------------------------------------------------------------------------
+
+
+async def test_create_key(store: Store) -> None:
+    acct = await store.create_account("acme")
+    key, plaintext = await store.create_key("acme", "ci", rpm=5, tpm=None)
+    assert well_formed(plaintext)
+    assert key.id.startswith("key_") and len(key.id) == 4 + 12
+    assert key.prefix == plaintext[:12] and key.prefix.startswith("qbt_")
+    assert key.key_hash == hash_key(plaintext)
+    assert (key.account_id, key.account_name, key.name) == (acct.id, "acme", "ci")
+    assert (key.rpm, key.tpm, key.revoked) == (5, None, False)
+    with pytest.raises(StoreError, match="no account named"):
+        await store.create_key("ghost")
+    with pytest.raises(StoreError, match="rpm"):
+        await store.create_key("acme", rpm=-1)
+    assert len(await store.list_keys()) == 1
+
+
+async def test_list_keys_filters_by_account(store: Store) -> None:
+    await store.create_account("a")
+    await store.create_account("b")
+    ka, _ = await store.create_key("a", "one")
+    kb, _ = await store.create_key("b", "two")
+    ka2, _ = await store.create_key("a", "three")
+    assert [k.id for k in await store.list_keys()] == [ka.id, kb.id, ka2.id]
+    assert [k.id for k in await store.list_keys("a")] == [ka.id, ka2.id]
+    assert [k.id for k in await store.list_keys("b")] == [kb.id]
+    with pytest.raises(StoreError, match="no account named"):
+        await store.list_keys("ghost")
+
+
+async def test_update_key_changes_only_given_fields(store: Store) -> None:
+    await store.create_account("acme")
+    key, _ = await store.create_key("acme", rpm=10, tpm=1000)
+    key = await store.update_key(key.id, rpm=20)
+    assert (key.rpm, key.tpm) == (20, 1000)
+    key = await store.update_key(key.id, tpm=0)
+    assert (key.rpm, key.tpm) == (20, 0)
+    key = await store.update_key(key.id)
+    assert (key.rpm, key.tpm) == (20, 0)
+    assert (await store.list_keys())[0] == key
+    with pytest.raises(StoreError, match="no key with id"):
+        await store.update_key("key_000000000000", rpm=1)
+    with pytest.raises(StoreError, match="tpm"):
+        await store.update_key(key.id, tpm=-5)
+
+
+async def test_revoke_key_and_snapshot(store: Store) -> None:
+    a = await store.create_account("a", 700)
+    b = await store.create_account("b")
+    k1, p1 = await store.create_key("a")
+    k2, p2 = await store.create_key("b")
+    snap = await store.snapshot()
+    assert set(snap.keys) == {hash_key(p1), hash_key(p2)}
+    assert snap.keys[hash_key(p1)] == k1
+    assert snap.balances == {a.id: 700, b.id: 0}
+
+    revoked = await store.revoke_key(k1.id)
+    assert revoked.revoked and revoked.id == k1.id
+    again = await store.revoke_key(k1.id)  # idempotent
+    assert again == revoked
+    snap = await store.snapshot()
+    assert set(snap.keys) == {hash_key(p2)}
+    assert snap.keys[hash_key(p2)] == k2
+    assert [k.revoked for k in await store.list_keys()] == [True, False]
+    with pytest.raises(StoreError, match="no key with id"):
+        await store.revoke_key("key_nope")
+
+
+# ---- ledger ---------------------------------------------------------------------------
+
+
+async def test_write_ledger_charges_once(store: Store, db_url: str) -> None:
+    acct = await store.create_account("acme", 1_000_000)
+    key, _ = await store.create_key("acme")
+    r1 = row("req_1", acct.id, key.id, 300)
+    r2 = row("req_2", acct.id, key.id, 200, estimated=True, status="cancelled")
+    assert await store.write_ledger([r1, r2]) == 2
+    assert await store.write_ledger([r1, r2]) == 0  # written twice, charged once
+    assert await store.write_ledger([r2, row("req_3", acct.id, key.id, 1)]) == 1
+    assert await store.write_ledger([]) == 0
+    got = await store.get_account("acme")
+    assert (got.balance, got.spent) == (1_000_000 - 501, 501)
+    invariant_holds(sqlite_path(db_url))
+
+
+async def test_duplicate_inside_one_batch_is_charged_once(store: Store) -> None:
+    acct = await store.create_account("acme", 1_000)
+    key, _ = await store.create_key("acme")
+    r = row("dup", acct.id, key.id, 100)
+    assert await store.write_ledger([r, r]) == 1
+    assert (await store.get_account("acme")).balance == 900
+
+
+async def test_write_ledger_may_overdraw(store: Store, db_url: str) -> None:
+    """Preventing overdraft is the gateway's reservation; the ledger records what happened."""
+    acct = await store.create_account("acme", 100)
+    key, _ = await store.create_key("acme")
+    assert await store.write_ledger([row("big", acct.id, key.id, 250)]) == 1
+    got = await store.get_account("acme")
+    assert (got.balance, got.spent) == (-150, 250)
+    with pytest.raises(StoreError, match=r"balance is -0\.00000015 USD"):
+        await store.credit_account("acme", -1)
+    invariant_holds(sqlite_path(db_url))
+
+
+async def test_write_ledger_is_one_transaction(store: Store) -> None:
+    """A bad row (unknown account) rolls back the whole batch: nothing half-charged."""
+    acct = await store.create_account("acme", 1_000)
+    key, _ = await store.create_key("acme")
+    with pytest.raises(sqlite3.IntegrityError):
+        await store.write_ledger(
+            [row("ok", acct.id, key.id, 100), row("bad", "acct_missing", key.id, 5)]
+        )
+    assert (await store.get_account("acme")).balance == 1_000
+    assert await store.usage() == []
+
+
+async def test_usage_filters_and_order(store: Store) -> None:
+    a = await store.create_account("a", 10_000)
+    b = await store.create_account("b", 10_000)
+    ka, _ = await store.create_key("a")
+    kb, _ = await store.create_key("b")
+    rows = [
+        row("r3", a.id, ka.id, 3, created_at=3_000),
+        row("r1", a.id, ka.id, 1, created_at=1_000, endpoint="chat", estimated=True),
+        row("r2", b.id, kb.id, 2, created_at=2_000),
+    ]
+    await store.write_ledger(rows)
+    assert [r.request_id for r in await store.usage()] == ["r1", "r2", "r3"]
+    assert [r.request_id for r in await store.usage("a")] == ["r1", "r3"]
+    assert [r.request_id for r in await store.usage(since_us=2_000)] == ["r2", "r3"]
+    assert [r.request_id for r in await store.usage("a", since_us=1_001)] == ["r3"]
+    first = (await store.usage("a"))[0]
+    assert first == rows[1]  # round-trips exactly, estimated as a bool
+    assert first.estimated is True
+    with pytest.raises(StoreError, match="no account named"):
+        await store.usage("ghost")
+
+
+# ---- reservations, ping ---------------------------------------------------------------
+
+
+async def test_reservations(store: SQLiteStore) -> None:
+    a = await store.create_account("a", 1_000)
+    b = await store.create_account("b", 1_000)
+    await store.set_reservations("gw1", {a.id: 100, b.id: 7})
+    await store.set_reservations("gw2", {a.id: 50})
+    assert (await store.get_account("a")).reserved == 150
+    assert (await store.get_account("b")).reserved == 7
+    await store.set_reservations("gw1", {a.id: 1})  # replaces gw1's rows
+    assert (await store.get_account("a")).reserved == 51
+    assert (await store.get_account("b")).reserved == 0
+    assert {x.name: x.reserved for x in await store.list_accounts()} == {"a": 51, "b": 0}
+    # a gateway that stopped updating: its rows no longer count after 10 s
+    await store._run(
+        lambda c: c.execute(
+            "UPDATE reservations SET updated_at = ? WHERE gateway_id = 'gw2'",
+            (_now() - 11_000_000,),
+        )
+    )
+    assert (await store.get_account("a")).reserved == 1
+    await store.set_reservations("gw1", {})
+    assert (await store.get_account("a")).reserved == 0
+    assert (await store.get_account("a")).balance == 1_000  # reservations never touch money
+
+
+async def test_ping(store: Store) -> None:
+    await store.ping()
+
+
+# ---- several stores, one file ---------------------------------------------------------
+
+
+async def test_two_stores_on_one_file(db_url: str) -> None:
+    s1, s2 = open_store(db_url), open_store(db_url)
+    try:
+        acct = await s1.create_account("shared", 10_000)
+        key, plaintext = await s1.create_key("shared")
+        assert (await s2.get_account("shared")).id == acct.id
+        assert hash_key(plaintext) in (await s2.snapshot()).keys
+        await s2.revoke_key(key.id)
+        assert (await s1.snapshot()).keys == {}
+        with pytest.raises(StoreError, match="already exists"):
+            await s2.create_account("shared")
+        # both write the same request concurrently: charged exactly once
+        r = row("same", acct.id, key.id, 1_234)
+        counts = await asyncio.gather(s1.write_ledger([r]), s2.write_ledger([r]))
+        assert sorted(counts) == [0, 1]
+        assert (await s1.get_account("shared")).balance == 10_000 - 1_234
+    finally:
+        await s1.close()
+        await s2.close()
+
+
+async def test_invariant_under_concurrent_writers(db_url: str) -> None:
+    """Credits, take-backs and ledger batches from several stores at once: exact to the nano."""
+    stores = [SQLiteStore(db_url) for _ in range(3)]
+    try:
+        accts = [await stores[0].create_account(f"acct{i}", 1_000_000_000) for i in range(3)]
+        keys = [(await stores[0].create_key(a.name))[0] for a in accts]
+
+        async def writer(n: int) -> None:
+            s = stores[n % len(stores)]
+            for i in range(30):
+                a, k = accts[i % 3], keys[i % 3]
+                batch = [row(f"w{n}-{i}-{j}", a.id, k.id, 1_000 + 7 * j + n) for j in range(3)]
+                await s.write_ledger(batch + batch[:1])  # a duplicate in every batch
+                if i % 5 == 0:
+                    await s.credit_account(a.name, 123_456_789)
+                if i % 7 == 0:
+                    await s.credit_account(a.name, -3)
+
+        await asyncio.gather(*(writer(n) for n in range(6)))
+        result = invariant_holds(sqlite_path(db_url))
+        rows = await stores[1].usage()
+        assert len(rows) == 6 * 30 * 3
+        assert sum(costs for (_, _, costs) in result.values()) == sum(r.cost for r in rows)
+        for a in accts:
+            got = await stores[2].get_account(a.name)
+            assert got.balance == result[a.id][0]
+    finally:
+        for s in stores:
+            await s.close()
