@@ -103,6 +103,10 @@ class Gateway:
             )
             self.metrics.ttft.labels(endpoint).observe(call.first_byte_at - started)
             return response
+        except asyncio.CancelledError:  # the client went away
+            if call is not None:
+                call.status = "cancelled"
+            raise
         except APIError as exc:
             if call is not None:
                 call.status = str(exc.status)

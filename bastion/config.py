@@ -41,7 +41,7 @@ class RateLimitConfig:
 class MeteringConfig:
     """Allowances that make the tokenizer-free input bound a true upper bound."""
 
-    base_tokens: int = 64
+    base_tokens: int = 256
     item_tokens: int = 16
     image_tokens: int = 4096
 

@@ -184,7 +184,7 @@ class Gateway:
     db_url: str
     proc: subprocess.Popen
 
-    def run(self, coro):  # noqa: ANN001, ANN201
+    def run(self, coro):
         return asyncio.run(coro)
 
     def new_key(
@@ -218,8 +218,8 @@ class Gateway:
             time.sleep(0.05)
         raise AssertionError(f"key not {'accepted' if present else 'refused'} in {timeout}s")
 
-    def store_call(self, method: str, *args: object, **kwargs: object):  # noqa: ANN201
-        async def call():  # noqa: ANN202
+    def store_call(self, method: str, *args: object, **kwargs: object):
+        async def call():
             store = open_store(self.db_url)
             try:
                 return await getattr(store, method)(*args, **kwargs)
@@ -252,7 +252,8 @@ def gateway(
     port = free_port()
     db = tmp / "bastion.db"
     faults = "".join(
-        FAULT_MODEL.format(mode=m, upstream="impatient" if m in ("hang", "stall") else "sim") for m in FAULTS
+        FAULT_MODEL.format(mode=m, upstream="impatient" if m in ("hang", "stall") else "sim")
+        for m in FAULTS
     )
     config = tmp / "bastion.toml"
     config.write_text(
@@ -261,9 +262,8 @@ def gateway(
         )
     )
     env = {**os.environ, "BASTION_ADMIN_TOKEN": "test-admin-token"}
-    proc = start(
-        ["serve", "--config", str(config)], f"http://127.0.0.1:{port}/healthz", env=env
+    proc = start(["serve", "--config", str(config)], f"http://127.0.0.1:{port}/healthz", env=env)
+    yield Gateway(
+        f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", config, f"sqlite:///{db}", proc
     )
-    yield Gateway(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", config,
-                  f"sqlite:///{db}", proc)
     stop(proc)

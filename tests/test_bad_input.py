@@ -59,7 +59,7 @@ def victim(gateway):
 
 
 def check(gateway, victim, resp: httpx.Response) -> None:
-    key, account = victim
+    _, account = victim
     assert 400 <= resp.status_code < 500, resp.text
     error = resp.json()["error"]
     assert error["message"] and error["code"] in ("invalid_request", "request_too_large")
@@ -70,15 +70,21 @@ def check(gateway, victim, resp: httpx.Response) -> None:
 
 @pytest.mark.parametrize("name", RAW_CASES)
 def test_raw_bodies(gateway, victim, name):
-    resp = httpx.post(gateway.url + "/responses", content=RAW_CASES[name],
-                      headers={"Authorization": f"Bearer {victim[0]}"})
+    resp = httpx.post(
+        gateway.url + "/responses",
+        content=RAW_CASES[name],
+        headers={"Authorization": f"Bearer {victim[0]}"},
+    )
     check(gateway, victim, resp)
 
 
 @pytest.mark.parametrize("name", JSON_CASES)
 def test_wrong_types_and_absurd_numbers(gateway, victim, name):
-    resp = httpx.post(gateway.url + "/responses", json=JSON_CASES[name],
-                      headers={"Authorization": f"Bearer {victim[0]}"})
+    resp = httpx.post(
+        gateway.url + "/responses",
+        json=JSON_CASES[name],
+        headers={"Authorization": f"Bearer {victim[0]}"},
+    )
     check(gateway, victim, resp)
     if name not in ("input items not objects",):
         assert resp.json()["error"]["param"] is not None
@@ -86,8 +92,11 @@ def test_wrong_types_and_absurd_numbers(gateway, victim, name):
 
 @pytest.mark.parametrize("name", CHAT_CASES)
 def test_chat_bodies(gateway, victim, name):
-    resp = httpx.post(gateway.url + "/chat/completions", json=CHAT_CASES[name],
-                      headers={"Authorization": f"Bearer {victim[0]}"})
+    resp = httpx.post(
+        gateway.url + "/chat/completions",
+        json=CHAT_CASES[name],
+        headers={"Authorization": f"Bearer {victim[0]}"},
+    )
     check(gateway, victim, resp)
     assert resp.json()["error"]["param"]
 
@@ -99,7 +108,10 @@ def test_oversize_chunked_body(gateway, victim):
             yield b"x" * 10_000
         yield b'"}'
 
-    resp = httpx.post(gateway.url + "/responses", content=chunks(),
-                      headers={"Authorization": f"Bearer {victim[0]}"})
+    resp = httpx.post(
+        gateway.url + "/responses",
+        content=chunks(),
+        headers={"Authorization": f"Bearer {victim[0]}"},
+    )
     assert resp.status_code == 413
     check(gateway, victim, resp)

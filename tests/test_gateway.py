@@ -39,7 +39,10 @@ def test_reference_example_through_the_sdk(gateway):
     assert res.output_text == "ok"
     assert res.model == "gpt-oss-120b"
     [row] = gateway.settled(account, 1)
-    assert (row.input_tokens, row.output_tokens) == (res.usage.input_tokens, res.usage.output_tokens)
+    assert (row.input_tokens, row.output_tokens) == (
+        res.usage.input_tokens,
+        res.usage.output_tokens,
+    )
     assert row.model == "gpt-oss-120b" and row.endpoint == "responses" and row.status == "200"
     assert not row.estimated and row.cost > 0
     assert row.request_id == res._request_id
@@ -95,11 +98,16 @@ def test_400_invalid_request_names_the_field(gateway):
     missing = post(gateway, "/responses", key, json={"model": "gpt-oss-120b"})
     assert_error(missing, 400, "invalid_request", "input")
     bad_temp = {"model": "gpt-oss-120b", "input": "x", "temperature": 7}
-    assert_error(post(gateway, "/responses", key, json=bad_temp), 400, "invalid_request",
-                 "temperature")
+    assert_error(
+        post(gateway, "/responses", key, json=bad_temp), 400, "invalid_request", "temperature"
+    )
     no_messages = {"model": "gpt-oss-120b", "messages": []}
-    assert_error(post(gateway, "/chat/completions", key, json=no_messages), 400,
-                 "invalid_request", "messages")
+    assert_error(
+        post(gateway, "/chat/completions", key, json=no_messages),
+        400,
+        "invalid_request",
+        "messages",
+    )
 
 
 def test_400_model_not_found_and_wrong_endpoint(gateway):
@@ -107,8 +115,9 @@ def test_400_model_not_found_and_wrong_endpoint(gateway):
     with pytest.raises(openai.BadRequestError) as err:
         client(gateway, key).responses.create(model="no-such-model", input="x")
     assert err.value.code == "model_not_found" and err.value.param == "model"
-    resp = post(gateway, "/responses", key, json={"model": "Mistral-7B-Instruct-v0.3",
-                                                  "input": "x"})
+    resp = post(
+        gateway, "/responses", key, json={"model": "Mistral-7B-Instruct-v0.3", "input": "x"}
+    )
     error = assert_error(resp, 400, "model_not_found", "model")
     assert "/v1/chat/completions" in error["message"]
 
@@ -157,13 +166,13 @@ def test_429_for_tokens_per_minute(gateway):
     body = {"model": "gpt-oss-120b", "input": "hello", "max_output_tokens": 2000}
     assert post(gateway, "/responses", key, json=body).status_code == 200  # used ~22
     nearly_all = {**body, "max_output_tokens": 2950}
-    error = assert_error(post(gateway, "/responses", key, json=nearly_all), 429,
-                         "rate_limit_exceeded")
+    error = assert_error(
+        post(gateway, "/responses", key, json=nearly_all), 429, "rate_limit_exceeded"
+    )
     assert "tokens" in error["message"]
     assert post(gateway, "/responses", key, json=body).status_code == 200
     too_big = {**body, "max_output_tokens": 4000}
-    error = assert_error(post(gateway, "/responses", key, json=too_big), 429,
-                         "rate_limit_exceeded")
+    error = assert_error(post(gateway, "/responses", key, json=too_big), 429, "rate_limit_exceeded")
     assert "Request too large" in error["message"]
 
 
@@ -199,8 +208,9 @@ def test_502_upstream_errors(gateway):
 
 def test_store_true_gets_502_that_says_send_store_false(gateway):
     key, _ = gateway.new_key()
-    resp = post(gateway, "/responses", key, json={"model": "gpt-oss-120b", "input": "x",
-                                                  "store": True})
+    resp = post(
+        gateway, "/responses", key, json={"model": "gpt-oss-120b", "input": "x", "store": True}
+    )
     error = assert_error(resp, 502, "upstream_error")
     assert '"store": false' in error["message"]
     assert resp.headers["x-should-retry"] == "false"
@@ -223,16 +233,21 @@ def test_renamed_model_is_written_back(gateway):
     assert chat.model == "alias"
     events = list(c.responses.create(model="alias", input="x", stream=True))
     assert events[0].response.model == "alias" and events[-1].response.model == "alias"
-    chunks = list(c.chat.completions.create(
-        model="alias", messages=[{"role": "user", "content": "x"}], stream=True
-    ))
+    chunks = list(
+        c.chat.completions.create(
+            model="alias", messages=[{"role": "user", "content": "x"}], stream=True
+        )
+    )
     assert {ch.model for ch in chunks} == {"alias"}
     assert {r.model for r in gateway.settled(account, 4)} == {"alias"}
 
 
 def test_request_id_on_every_response(gateway):
-    for resp in (httpx.get(gateway.root + "/healthz"), httpx.get(gateway.root + "/nope"),
-                 httpx.get(gateway.url + "/models")):
+    for resp in (
+        httpx.get(gateway.root + "/healthz"),
+        httpx.get(gateway.root + "/nope"),
+        httpx.get(gateway.url + "/models"),
+    ):
         assert resp.headers["x-request-id"].startswith("req_")
 
 

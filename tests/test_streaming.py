@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import httpx
@@ -18,8 +19,13 @@ def client(gateway, key: str, timeout: float = 20) -> OpenAI:
 
 def raw_stream(gateway, key: str, path: str, body: dict) -> list[bytes]:
     """The SSE events exactly as the client receives them."""
-    with httpx.stream("POST", gateway.url + path, json=body, timeout=20,
-                      headers={"Authorization": f"Bearer {key}"}) as resp:
+    with httpx.stream(
+        "POST",
+        gateway.url + path,
+        json=body,
+        timeout=20,
+        headers={"Authorization": f"Bearer {key}"},
+    ) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
         data = b"".join(resp.iter_bytes())
@@ -36,16 +42,21 @@ def test_responses_stream_parses_into_sdk_types_and_is_metered(gateway):
     assert any(isinstance(e, ResponseTextDeltaEvent) for e in events)
     assert isinstance(events[-1], ResponseCompletedEvent)
     [row] = gateway.settled(account, 1)
-    assert (row.input_tokens, row.output_tokens) == (final.usage.input_tokens,
-                                                     final.usage.output_tokens)
+    assert (row.input_tokens, row.output_tokens) == (
+        final.usage.input_tokens,
+        final.usage.output_tokens,
+    )
     assert not row.estimated and row.status == "200"
 
 
 def test_chat_stream_without_include_usage_looks_untouched(gateway):
     """Bastion asks the upstream for usage; the client, who did not, never sees it."""
     key, account = gateway.new_key()
-    body = {"model": "gpt-oss-120b", "messages": [{"role": "user", "content": "hi"}],
-            "stream": True}
+    body = {
+        "model": "gpt-oss-120b",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+    }
     events = raw_stream(gateway, key, "/chat/completions", body)
     assert events[-1] == b"data: [DONE]\n\n"
     assert not any(b'"usage"' in e for e in events)
@@ -55,10 +66,14 @@ def test_chat_stream_without_include_usage_looks_untouched(gateway):
 
 def test_chat_stream_with_include_usage_gets_exactly_one_usage_chunk(gateway):
     key, _ = gateway.new_key()
-    chunks = list(client(gateway, key).chat.completions.create(
-        model="gpt-oss-120b", messages=[{"role": "user", "content": "hi"}], stream=True,
-        stream_options={"include_usage": True},
-    ))
+    chunks = list(
+        client(gateway, key).chat.completions.create(
+            model="gpt-oss-120b",
+            messages=[{"role": "user", "content": "hi"}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     usage = [c for c in chunks if c.usage is not None]
     assert len(usage) == 1 and usage[0].choices == []
     assert usage[0].usage.completion_tokens == 16
@@ -74,7 +89,7 @@ def test_events_arrive_as_the_upstream_sends_them(gateway):
     for event in stream:
         if event.type == "response.output_text.delta":
             arrivals.append(time.monotonic())
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     assert len(arrivals) == 5
     assert min(gaps) > 0.1, gaps
 
