@@ -40,12 +40,9 @@ class Gateway:
         self.config = config
         self.store = open_store(config.database_url)
         self.limiter = open_limiter(config.ratelimit.url)
-        self.book = CreditBook()
         self.keys: dict[str, ApiKey] = {}
-        self.gateway_id = "gw_" + secrets.token_hex(6)
-        self.writer = LedgerWriter(
-            self.store, self.book, self._load, self.gateway_id, config.refresh_interval_s
-        )
+        self.book = CreditBook(self.store, "gw_" + secrets.token_hex(6))
+        self.writer = LedgerWriter(self.store, self.book, self._load, config.refresh_interval_s)
         self.relay = Relay(config.upstreams)
         self.metrics = Metrics()
         self.outstanding = dict.fromkeys(config.upstreams, 0)
@@ -89,7 +86,7 @@ class Gateway:
             decision = await self.admit(key, rpm, tpm, worst_tokens, cap)
             headers.update(decision.headers)
             worst_cost = cost_nanos(bound, cap * req.n, model.input_price, model.output_price)
-            reservation = self.book.reserve(key.account_id, worst_cost)
+            reservation = await self.reserve(key.account_id, worst_cost)
             if reservation is None:
                 raise self.insufficient(key, worst_cost, bound, cap, endpoint)
             call = self.prepare(request_id, endpoint, req, model, cap, bound, headers)
@@ -212,6 +209,18 @@ class Gateway:
                 },
             )
         return decision
+
+    async def reserve(self, account_id: str, amount: int) -> Reservation | None:
+        try:
+            return await self.book.reserve(account_id, amount)
+        except Exception:  # StoreUnavailable, or the store failed to grant a lease
+            log.exception("credit store unavailable")
+            raise APIError(
+                503,
+                "service_unavailable",
+                "Credit cannot be checked right now (billing store unreachable); retry shortly.",
+                type="server_error",
+            ) from None
 
     def insufficient(
         self, key: ApiKey, needed: int, bound: int, cap: int, endpoint: str

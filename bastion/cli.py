@@ -13,7 +13,6 @@ import json
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -25,6 +24,16 @@ from rich.table import Table
 from bastion.config import Config, ConfigError, load_config
 from bastion.money import MoneyError, format_usd, parse_usd
 from bastion.store import Account, ApiKey, LedgerRow, Store, StoreError, open_store
+from bastion.views import (
+    account_json,
+    effective_limits,
+    key_json,
+    ledger_json,
+    new_account_json,
+    new_key_json,
+    parse_since,
+)
+from bastion.views import iso_time as _iso
 
 T = TypeVar("T")
 
@@ -49,7 +58,6 @@ HiddenJsonOpt = Annotated[bool, typer.Option("--json", hidden=True)]
 HiddenConfigOpt = Annotated[Path | None, typer.Option("--config", hidden=True)]
 LimitOpt = Annotated[int | None, typer.Option(help="0 = unlimited; default: the config default.")]
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 out = Console()
 
 
@@ -99,72 +107,12 @@ def _limit(value: int) -> str:
     return "unlimited" if value == 0 else f"{value:,}"
 
 
-def _iso(us: int) -> str:
-    """µs since epoch -> ISO 8601 UTC with a Z, exact to the microsecond."""
-    moment = EPOCH + timedelta(microseconds=us)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
 def _parse_since(text: str) -> int:
     """ISO 8601 with or without offset (naive = UTC) -> µs since epoch."""
     try:
-        moment = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise CliError(
-            f"--since: not an ISO 8601 time: {text!r} (e.g. 2025-01-31T12:00:00Z)"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return (moment - EPOCH) // timedelta(microseconds=1)
-
-
-def _account_json(account: Account) -> dict[str, Any]:
-    return {
-        "id": account.id,
-        "name": account.name,
-        "balance": format_usd(account.balance),
-        "reserved": format_usd(account.reserved),
-        "spent": format_usd(account.spent),
-    }
-
-
-def _effective(key: ApiKey, config: Config) -> tuple[int, int]:
-    """The limits a gateway applies: the key's override, else the config default."""
-    rpm = config.ratelimit.default_rpm if key.rpm is None else key.rpm
-    tpm = config.ratelimit.default_tpm if key.tpm is None else key.tpm
-    return rpm, tpm
-
-
-def _key_json(key: ApiKey, config: Config) -> dict[str, Any]:
-    rpm, tpm = _effective(key, config)
-    return {
-        "id": key.id,
-        "account": key.account_name,
-        "name": key.name,
-        "prefix": key.prefix,
-        "rpm": rpm,
-        "tpm": tpm,
-        "rpm_default": key.rpm is None,
-        "tpm_default": key.tpm is None,
-        "revoked": key.revoked,
-        "created_at": _iso(key.created_at),
-    }
-
-
-def _ledger_json(row: LedgerRow, names: dict[str, str]) -> dict[str, Any]:
-    return {
-        "request_id": row.request_id,
-        "account": names.get(row.account_id, row.account_id),
-        "key_id": row.key_id,
-        "model": row.model,
-        "endpoint": row.endpoint,
-        "input_tokens": row.input_tokens,
-        "output_tokens": row.output_tokens,
-        "cost": format_usd(row.cost),
-        "estimated": row.estimated,
-        "status": row.status,
-        "created_at": _iso(row.created_at),
-    }
+        return parse_since(text)
+    except ValueError as exc:
+        raise CliError(f"--since: {exc}") from None
 
 
 def _accounts_table(accounts: list[Account]) -> None:
@@ -184,7 +132,7 @@ def _accounts_table(accounts: list[Account]) -> None:
 def _keys_table(keys: list[ApiKey], config: Config) -> None:
     table = _table("id", "account", "name", "prefix", "rpm", "tpm", "state", "created (UTC)")
     for k in keys:
-        rpm, tpm = _effective(k, config)
+        rpm, tpm = effective_limits(k, config)
         table.add_row(
             k.id,
             escape(k.account_name),
@@ -213,7 +161,7 @@ def accounts_create(
     account = _with_store(config, lambda s, _: s.create_account(name, amount))
     _emit(
         as_json,
-        {"id": account.id, "name": account.name, "balance": format_usd(account.balance)},
+        new_account_json(account),
         lambda: out.print(
             f"Created account [bold]{escape(account.name)}[/bold] ({account.id}),"
             f" balance {_usd(account.balance)}"
@@ -233,7 +181,7 @@ def accounts_credit(
     account = _with_store(config, lambda s, _: s.credit_account(name, amount))
     _emit(
         as_json,
-        _account_json(account),
+        account_json(account),
         lambda: out.print(
             f"{'Added' if amount > 0 else 'Took back'} {_usd(abs(amount))}:"
             f" [bold]{escape(account.name)}[/bold] balance is now {_usd(account.balance)}"
@@ -245,14 +193,14 @@ def accounts_credit(
 def accounts_show(name: str, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Show one account: balance, credit held for requests in flight, total spent."""
     account = _with_store(config, lambda s, _: s.get_account(name))
-    _emit(as_json, _account_json(account), lambda: _accounts_table([account]))
+    _emit(as_json, account_json(account), lambda: _accounts_table([account]))
 
 
 @accounts_app.command("list")
 def accounts_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """List all accounts."""
     accounts = _with_store(config, lambda s, _: s.list_accounts())
-    _emit(as_json, [_account_json(a) for a in accounts], lambda: _accounts_table(accounts))
+    _emit(as_json, [account_json(a) for a in accounts], lambda: _accounts_table(accounts))
 
 
 # ---- keys ---------------------------------------------------------------------------
@@ -274,15 +222,8 @@ def keys_create(
         return key, plaintext, cfg
 
     key, plaintext, cfg = _with_store(config, create)
-    eff_rpm, eff_tpm = _effective(key, cfg)
-    data = {
-        "id": key.id,
-        "key": plaintext,
-        "account": key.account_name,
-        "name": key.name,
-        "rpm": eff_rpm,
-        "tpm": eff_tpm,
-    }
+    data = new_key_json(key, plaintext, cfg)
+    eff_rpm, eff_tpm = effective_limits(key, cfg)
 
     def human() -> None:
         out.print(f"Created key {key.id} for account [bold]{escape(key.account_name)}[/bold]")
@@ -305,7 +246,7 @@ def keys_list(
         return await store.list_keys(account), cfg
 
     keys, cfg = _with_store(config, list_keys)
-    _emit(as_json, [_key_json(k, cfg) for k in keys], lambda: _keys_table(keys, cfg))
+    _emit(as_json, [key_json(k, cfg) for k in keys], lambda: _keys_table(keys, cfg))
 
 
 @keys_app.command("update")
@@ -324,7 +265,7 @@ def keys_update(
         return await store.update_key(key_id, rpm=rpm, tpm=tpm), cfg
 
     key, cfg = _with_store(config, update)
-    _emit(as_json, _key_json(key, cfg), lambda: _keys_table([key], cfg))
+    _emit(as_json, key_json(key, cfg), lambda: _keys_table([key], cfg))
 
 
 @keys_app.command("revoke")
@@ -339,7 +280,7 @@ def keys_revoke(
         return await store.revoke_key(key_id), cfg
 
     key, cfg = _with_store(config, revoke)
-    _emit(as_json, _key_json(key, cfg), lambda: out.print(f"Revoked key {key.id}"))
+    _emit(as_json, key_json(key, cfg), lambda: out.print(f"Revoked key {key.id}"))
 
 
 # ---- usage --------------------------------------------------------------------------
@@ -385,7 +326,7 @@ def usage(
             )
         out.print(table)
 
-    _emit(as_json, [_ledger_json(r, names) for r in rows], human)
+    _emit(as_json, [ledger_json(r, names) for r in rows], human)
 
 
 # ---- processes (implemented elsewhere; imported lazily) ------------------------------

@@ -1,12 +1,19 @@
-"""Prepaid credit in memory, the ledger on disk: admission and settlement in microseconds.
+"""Prepaid credit: admission against leased credit in memory, the ledger written in batches.
 
-Per account the book holds the balance last read from the store, the cost of
-requests settled but not yet written (``pending``), and the worst-case cost of
-requests in flight (``reserved``). Available = balance − pending − reserved, and a
-request is admitted only if its worst case fits, so the balance never drops below
-zero. One background task alternates between writing settled rows in batches
-(group commit: whatever queued while the last commit ran goes in the next) and
-re-reading keys and balances, so CLI and admin changes land within a second or two.
+A gateway admits a request only against credit it has *leased* from the store: the
+live gateways' leases never add up to more than an account's balance, so any number
+of replicas admit locally, with no round trip per request, and still never
+overspend (see ``store/migrations/0002_leases.sql``). Per account the book holds the
+lease, the cost of requests settled but not yet written (``pending``) and the worst
+case of requests in flight (``reserved``); free = lease − pending − reserved. When a
+request does not fit, the lease grows by one store round trip (serialised per
+account); leases of idle accounts go back after a few seconds.
+
+One background task alternates between writing settled rows in batches (group
+commit: whatever queued while a commit ran goes in the next one; the cost leaves the
+balance and the lease together) and the periodic refresh: keys, heartbeat, idle
+leases back. A gateway whose heartbeats fail stops trusting its leases before the
+store would reclaim them.
 """
 
 from __future__ import annotations
@@ -18,9 +25,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from bastion.store import LedgerRow, Snapshot, Store
+from bastion.store import LEASE_TTL_US, LedgerRow, Snapshot, Store
 
 log = logging.getLogger("bastion.credit")
+
+HEADROOM = 4  # a lease grows by the missing amount plus this many times the request's worst case
+IDLE_RELEASE_S = 2.0  # an account unused this long gives its free lease back
+TRUST_S = LEASE_TTL_US / 1_000_000 / 2  # leases are used only this long after a heartbeat
+
+
+class StoreUnavailable(Exception):
+    """Credit cannot be confirmed: the store has not answered a heartbeat for too long."""
 
 
 @dataclass(slots=True)
@@ -30,55 +45,94 @@ class Reservation:
 
 
 class CreditBook:
-    def __init__(self) -> None:
-        self.balance: dict[str, int] = {}
+    def __init__(self, store: Store, gateway_id: str) -> None:
+        self.store = store
+        self.gateway_id = gateway_id
+        self.lease: dict[str, int] = {}
         self.pending: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
+        self.unleased: dict[str, int] = {}  # last seen, for 402 messages
+        self.last_used: dict[str, float] = {}
+        self.trusted_until = 0.0
+        self._locks: dict[str, asyncio.Lock] = {}
 
-    def available(self, account_id: str) -> int:
+    def free(self, account_id: str) -> int:
         return (
-            self.balance.get(account_id, 0)
+            self.lease.get(account_id, 0)
             - self.pending.get(account_id, 0)
             - self.reserved.get(account_id, 0)
         )
 
-    def reserve(self, account_id: str, amount: int) -> Reservation | None:
-        if amount > self.available(account_id):
-            return None
+    def available(self, account_id: str) -> int:
+        """What the account could still spend: our free lease + what nobody has leased."""
+        return max(0, self.free(account_id)) + self.unleased.get(account_id, 0)
+
+    async def reserve(self, account_id: str, amount: int) -> Reservation | None:
+        """Hold ``amount`` for a request, or None if the account cannot cover it."""
+        now = time.monotonic()
+        if now > self.trusted_until:
+            raise StoreUnavailable
+        self.last_used[account_id] = now
+        if amount <= self.free(account_id):
+            return self._take(account_id, amount)
+        lock = self._locks.setdefault(account_id, asyncio.Lock())
+        async with lock:
+            missing = amount - self.free(account_id)
+            if missing > 0:
+                granted, unleased = await self.store.lease(
+                    self.gateway_id, account_id, missing + HEADROOM * amount
+                )
+                self.lease[account_id] = self.lease.get(account_id, 0) + granted
+                self.unleased[account_id] = unleased
+            if amount <= self.free(account_id):
+                return self._take(account_id, amount)
+        return None
+
+    def _take(self, account_id: str, amount: int) -> Reservation:
         self.reserved[account_id] = self.reserved.get(account_id, 0) + amount
         return Reservation(account_id, amount)
 
     def release(self, reservation: Reservation) -> None:
-        left = self.reserved[reservation.account_id] - reservation.amount
-        if left:
-            self.reserved[reservation.account_id] = left
-        else:
-            del self.reserved[reservation.account_id]
+        _add(self.reserved, reservation.account_id, -reservation.amount)
         reservation.amount = 0
 
     def settle(self, reservation: Reservation, cost: int) -> int:
         """Swap the reservation for the actual cost; returns what is charged.
 
-        The charge never exceeds what the account can pay (only an upstream that
-        reports more than the admitted worst case could ask for more)."""
+        The charge never exceeds the free lease (only an upstream that reports more
+        than the admitted worst case could ask for more)."""
         account_id = reservation.account_id
         self.release(reservation)
-        charged = max(0, min(cost, self.available(account_id)))
-        if charged:
-            self.pending[account_id] = self.pending.get(account_id, 0) + charged
+        charged = max(0, min(cost, self.free(account_id)))
+        _add(self.pending, account_id, charged)
         return charged
 
     def written(self, rows: list[LedgerRow]) -> None:
-        """Rows are durable: their cost moves from pending into the stored balance."""
+        """Rows are durable: their cost has left the stored balance and our lease."""
         for row in rows:
-            left = self.pending.get(row.account_id, 0) - row.cost
-            if left:
-                self.pending[row.account_id] = left
-            else:
-                self.pending.pop(row.account_id, None)
+            _add(self.pending, row.account_id, -row.cost)
+            _add(self.lease, row.account_id, -row.cost)
 
-    def load(self, balances: dict[str, int]) -> None:
-        self.balance = balances
+    def idle(self) -> dict[str, int]:
+        """Take the free lease of accounts unused for a while out of the book."""
+        cutoff = time.monotonic() - IDLE_RELEASE_S
+        amounts = {}
+        for account_id, used in list(self.last_used.items()):
+            if used < cutoff and (free := self.free(account_id)) > 0:
+                amounts[account_id] = free
+                _add(self.lease, account_id, -free)
+            if used < cutoff and not self.lease.get(account_id):
+                del self.last_used[account_id]
+                self._locks.pop(account_id, None)
+        return amounts
+
+
+def _add(table: dict[str, int], key: str, delta: int) -> None:
+    value = table.get(key, 0) + delta
+    if value:
+        table[key] = value
+    else:
+        table.pop(key, None)
 
 
 class LedgerWriter:
@@ -89,20 +143,17 @@ class LedgerWriter:
         store: Store,
         book: CreditBook,
         on_snapshot: Callable[[Snapshot], None],
-        gateway_id: str,
         refresh_s: float = 1.0,
     ) -> None:
         self.store = store
         self.book = book
         self.on_snapshot = on_snapshot
-        self.gateway_id = gateway_id
         self.refresh_s = refresh_s
         self.queue: list[LedgerRow] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.last_refresh = 0.0
-        self.write_errors = 0
 
     def append(self, row: LedgerRow) -> None:
         self.queue.append(row)
@@ -119,26 +170,26 @@ class LedgerWriter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
-        await self.store.set_reservations(self.gateway_id, {})
+        await self.store.retire(self.book.gateway_id)
 
     async def flush(self) -> None:
         if not self.queue:
             return
         rows, self.queue = self.queue, []
         try:
-            await self.store.write_ledger(rows)
-        except Exception:
-            self.write_errors += 1
-            log.exception("ledger write failed; %d rows kept for retry", len(rows))
+            await self.store.write_ledger(rows, self.book.gateway_id)
+        except BaseException:
             self.queue[:0] = rows
             raise
         self.book.written(rows)
 
     async def refresh(self) -> None:
-        snapshot = await self.store.snapshot()
-        self.book.load(snapshot.balances)
-        self.on_snapshot(snapshot)
-        await self.store.set_reservations(self.gateway_id, dict(self.book.reserved))
+        started = time.monotonic()
+        await self.store.heartbeat(self.book.gateway_id)
+        self.book.trusted_until = started + TRUST_S
+        self.on_snapshot(await self.store.snapshot())
+        if idle := self.book.idle():
+            await self.store.release(self.book.gateway_id, idle)
         self.last_refresh = time.monotonic()
 
     async def _run(self) -> None:
@@ -154,5 +205,5 @@ class LedgerWriter:
                     await self.refresh()
                 backoff = 0.0
             except Exception:
-                log.exception("store unavailable; retrying")
+                log.exception("store unavailable; %d ledger rows queued", len(self.queue))
                 backoff = min(5.0, backoff * 2 or 0.1)

@@ -162,7 +162,7 @@ def test_accounts_credit_refusals_change_nothing(env: Env) -> None:
 def test_accounts_show_reserved_and_spent(env: Env) -> None:
     acct = env.ok("accounts", "create", "acme", "--credit", "5", "--json")
     key = env.ok("keys", "create", "--account", "acme", "--json")
-    env.store_call("set_reservations", "gw-test", {acct["id"]: 250_000_000})
+    env.store_call("lease", "gw-test", acct["id"], 250_000_000)
     env.store_call(
         "write_ledger",
         [LedgerRow("r1", acct["id"], key["id"], "m", "chat", 1, 2, 1_500_000_000, False, "200", 1)],

@@ -483,6 +483,10 @@ def test_models_and_health(client: openai.OpenAI, sim: SimServer) -> None:
     assert "gpt-oss-120b" in ids
     with urllib.request.urlopen(sim.url + "/health", timeout=5) as r:
         assert r.status == 200
+    raw = client.responses.with_raw_response.create(
+        model="m", input="x", extra_headers={"x-request-id": "req_abc"}
+    )
+    assert raw.headers["x-request-id"] == "req_abc"
 
 
 # ---------------------------------------------------------------- timing

@@ -125,7 +125,7 @@ async def test_migrate_twice_and_pragmas(store: SQLiteStore, db_url: str) -> Non
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
         assert versions == [m.version for m in load_migrations()]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"accounts", "credits", "api_keys", "ledger", "reservations"} <= tables
+        assert {"accounts", "credits", "api_keys", "ledger", "leases", "gateways"} <= tables
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
@@ -354,31 +354,48 @@ async def test_usage_filters_and_order(store: Store) -> None:
         await store.usage("ghost")
 
 
-# ---- reservations, ping ---------------------------------------------------------------
+# ---- credit leases, ping ---------------------------------------------------------------
 
 
-async def test_reservations(store: SQLiteStore) -> None:
+async def test_leases_never_exceed_the_balance(store: SQLiteStore) -> None:
     a = await store.create_account("a", 1_000)
-    b = await store.create_account("b", 1_000)
-    await store.set_reservations("gw1", {a.id: 100, b.id: 7})
-    await store.set_reservations("gw2", {a.id: 50})
-    assert (await store.get_account("a")).reserved == 150
-    assert (await store.get_account("b")).reserved == 7
-    await store.set_reservations("gw1", {a.id: 1})  # replaces gw1's rows
-    assert (await store.get_account("a")).reserved == 51
-    assert (await store.get_account("b")).reserved == 0
-    assert {x.name: x.reserved for x in await store.list_accounts()} == {"a": 51, "b": 0}
-    # a gateway that stopped updating: its rows no longer count after 10 s
+    assert await store.lease("gw1", a.id, 600) == (600, 400)
+    assert await store.lease("gw2", a.id, 600) == (400, 0)  # only what is left
+    assert await store.lease("gw1", a.id, 1) == (0, 0)
+    assert (await store.get_account("a")).reserved == 1_000
+    with pytest.raises(StoreError, match="held by running gateways"):
+        await store.credit_account("a", -1)  # leased credit cannot be taken back
+    await store.release("gw2", {a.id: 150})
+    assert (await store.get_account("a")).reserved == 850
+    assert await store.lease("gw1", "acct_missing", 10) == (0, 0)
+
+
+async def test_a_ledger_write_spends_balance_and_lease_together(store: SQLiteStore) -> None:
+    a = await store.create_account("a", 1_000)
+    key, _ = await store.create_key("a")
+    await store.lease("gw1", a.id, 500)
+    await store.write_ledger([row("r1", a.id, key.id, 200)], "gw1")
+    got = await store.get_account("a")
+    assert (got.balance, got.reserved, got.spent) == (800, 300, 200)
+    # the other 500 were never leased: still free for any gateway
+    assert await store.lease("gw2", a.id, 10_000) == (500, 0)
+
+
+async def test_a_silent_gateway_loses_its_leases(store: SQLiteStore) -> None:
+    a = await store.create_account("a", 1_000)
+    await store.lease("gw_dead", a.id, 700)
+    await store.lease("gw_live", a.id, 100)
     await store._run(
         lambda c: c.execute(
-            "UPDATE reservations SET updated_at = ? WHERE gateway_id = 'gw2'",
-            (_now() - 11_000_000,),
+            "UPDATE gateways SET seen_at = ? WHERE id = 'gw_dead'", (_now() - 31_000_000,)
         )
     )
-    assert (await store.get_account("a")).reserved == 1
-    await store.set_reservations("gw1", {})
+    assert (await store.get_account("a")).reserved == 100  # expired leases no longer count
+    await store.heartbeat("gw_live")  # and are reclaimed
+    assert await store._run(lambda c: c.execute("SELECT COUNT(*) FROM leases").fetchone()) == (1,)
+    await store.retire("gw_live")
     assert (await store.get_account("a")).reserved == 0
-    assert (await store.get_account("a")).balance == 1_000  # reservations never touch money
+    assert (await store.get_account("a")).balance == 1_000  # leases never touch money
 
 
 async def test_ping(store: Store) -> None:

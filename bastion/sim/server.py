@@ -163,9 +163,12 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         reply = plan_reply(body, endpoint, opts.tokens)
     except _Refusal as refusal:
         return refusal.response
-    if stream:
-        return await _stream(request, endpoint, body, reply, opts)
-    return await _json(request, endpoint, body, reply, opts)
+    try:
+        if stream:
+            return await _stream(request, endpoint, body, reply, opts)
+        return await _json(request, endpoint, body, reply, opts)
+    except ConnectionError:  # the client went away mid-answer: nothing left to do
+        return web.Response(status=499)
 
 
 def _duration(reply: Reply, opts: Options) -> float:
@@ -228,7 +231,8 @@ async def _stream(
         return resp
     if opts.fault == "stall":
         await _until_gone(request)
-    elif opts.fault == "cut":
+        return resp
+    if opts.fault == "cut":
         transport.close()  # no terminal event, no final chunk: the peer sees a broken body
         return resp
     await resp.write_eof()
@@ -292,11 +296,19 @@ async def _health(request: web.Request) -> web.Response:
     return web.Response()
 
 
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Echo `x-request-id` (vLLM's --enable-request-id-headers), so callers can check it."""
+    rid = request.headers.get("x-request-id")
+    if rid is not None:
+        response.headers["x-request-id"] = rid
+
+
 def create_app(ttft_ms: float = 0, tokens_per_s: float = 0) -> web.Application:
     """The simulator as an aiohttp application (server-wide timing defaults)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[DEFAULTS_KEY] = SimDefaults(float(ttft_ms), float(tokens_per_s))
     app[PACER_KEY] = Pacer()
+    app.on_response_prepare.append(_echo_request_id)
     app.router.add_post("/v1/responses", _responses)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
@@ -308,13 +320,17 @@ def run(
     host: str = "127.0.0.1", port: int = 8000, ttft_ms: float = 0, tokens_per_s: float = 0
 ) -> None:
     """Serve the simulator until SIGINT/SIGTERM (blocking, on uvloop)."""
+    import gc
+
     import uvloop
 
     loop = uvloop.new_event_loop()
+    app = create_app(ttft_ms, tokens_per_s)
+    gc.freeze()  # startup objects never die: keep full collections (pauses) short under load
     rate = f"{tokens_per_s:g} tokens/s" if tokens_per_s > 0 else "max speed"
     print(f"bastion sim on http://{host}:{port}/v1 (ttft {ttft_ms:g} ms, {rate})", flush=True)
     web.run_app(
-        create_app(ttft_ms, tokens_per_s),
+        app,
         host=host,
         port=port,
         print=None,

@@ -22,19 +22,19 @@ from typing import Any, TypeVar
 
 from bastion.auth import generate_key, hash_key
 from bastion.money import format_usd
-from bastion.store import Account, ApiKey, LedgerRow, Snapshot, StoreError
+from bastion.store import LEASE_TTL_US, Account, ApiKey, LedgerRow, Snapshot, StoreError
 from bastion.store.migrate import migrate_sqlite
 
 T = TypeVar("T")
 
-RESERVATION_TTL_US = 10_000_000  # a gateway's reservations count for 10 s after its last update
 BUSY_TIMEOUT_MS = 10_000
 
-_ACCOUNT_SELECT = """
-SELECT a.id, a.name, a.balance, a.spent,
-       COALESCE((SELECT SUM(r.amount) FROM reservations r
-                 WHERE r.account_id = a.id AND r.updated_at >= ?), 0),
-       a.created_at
+_LIVE_LEASES = """COALESCE((SELECT SUM(l.amount) FROM leases l
+                 JOIN gateways g ON g.id = l.gateway_id
+                 WHERE l.account_id = a.id AND g.seen_at >= ?), 0)"""
+
+_ACCOUNT_SELECT = f"""
+SELECT a.id, a.name, a.balance, a.spent, {_LIVE_LEASES}, a.created_at
 FROM accounts a
 """
 
@@ -181,10 +181,12 @@ class SQLiteStore:
     def _credit_account(self, conn: sqlite3.Connection, name: str, amount: int) -> Account:
         with self._write(conn):
             account = self._account(conn, name)
-            if account.balance + amount < 0:
+            if account.balance - account.reserved + amount < 0:
+                held = f" ({format_usd(account.reserved)} USD held by running gateways)"
                 raise StoreError(
                     f"cannot take back {format_usd(-amount)} USD from {name!r}: "
                     f"its balance is {format_usd(account.balance)} USD"
+                    + (held if account.reserved else "")
                 )
             conn.execute(
                 "INSERT INTO credits (id, account_id, amount, created_at) VALUES (?, ?, ?, ?)",
@@ -200,7 +202,7 @@ class SQLiteStore:
 
     def _account(self, conn: sqlite3.Connection, name: str) -> Account:
         row = conn.execute(
-            _ACCOUNT_SELECT + "WHERE a.name = ?", (now_us() - RESERVATION_TTL_US, name)
+            _ACCOUNT_SELECT + "WHERE a.name = ?", (now_us() - LEASE_TTL_US, name)
         ).fetchone()
         if row is None:
             raise StoreError(f"no account named {name!r}")
@@ -208,9 +210,7 @@ class SQLiteStore:
 
     async def list_accounts(self) -> list[Account]:
         def _list(conn: sqlite3.Connection) -> list[Account]:
-            rows = conn.execute(
-                _ACCOUNT_SELECT + "ORDER BY a.name", (now_us() - RESERVATION_TTL_US,)
-            )
+            rows = conn.execute(_ACCOUNT_SELECT + "ORDER BY a.name", (now_us() - LEASE_TTL_US,))
             return [Account(*row) for row in rows]
 
         return await self._run(_list)
@@ -308,13 +308,19 @@ class SQLiteStore:
 
         return await self._run(_usage)
 
-    async def write_ledger(self, rows: list[LedgerRow]) -> int:
-        """Insert new rows and charge them in one transaction; a repeated request_id is a no-op."""
+    async def write_ledger(self, rows: list[LedgerRow], gateway_id: str | None = None) -> int:
+        """Insert new rows and charge them in one transaction; a repeated request_id is a no-op.
+
+        With ``gateway_id``, the charged cost also leaves that gateway's lease, so the
+        live leases never exceed the balance.
+        """
         if not rows:
             return 0
-        return await self._run(self._write_ledger, list(rows))
+        return await self._run(self._write_ledger, list(rows), gateway_id)
 
-    def _write_ledger(self, conn: sqlite3.Connection, rows: list[LedgerRow]) -> int:
+    def _write_ledger(
+        self, conn: sqlite3.Connection, rows: list[LedgerRow], gateway_id: str | None
+    ) -> int:
         charges: dict[str, int] = {}
         inserted = 0
         with self._write(conn):
@@ -345,6 +351,8 @@ class SQLiteStore:
                     "UPDATE accounts SET balance = balance - ?, spent = spent + ? WHERE id = ?",
                     (charges[account_id], charges[account_id], account_id),
                 )
+            if gateway_id is not None:
+                self._shrink_leases(conn, gateway_id, charges)
         return inserted
 
     # ---- gateways -------------------------------------------------------------------
@@ -362,20 +370,86 @@ class SQLiteStore:
 
         return await self._run(_snapshot)
 
-    async def set_reservations(self, gateway_id: str, reserved: dict[str, int]) -> None:
-        """Replace this gateway's rows; zero amounts are dropped rather than stored."""
+    async def heartbeat(self, gateway_id: str) -> None:
+        """This gateway is alive; leases of gateways silent past the TTL are reclaimed."""
 
-        def _set(conn: sqlite3.Connection) -> None:
+        def _beat(conn: sqlite3.Connection) -> None:
             now = now_us()
             with self._write(conn):
-                conn.execute("DELETE FROM reservations WHERE gateway_id = ?", (gateway_id,))
-                conn.executemany(
-                    "INSERT INTO reservations (gateway_id, account_id, amount, updated_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    [(gateway_id, acct, amt, now) for acct, amt in reserved.items() if amt],
+                self._touch(conn, gateway_id, now)
+                cutoff = now - LEASE_TTL_US
+                conn.execute(
+                    "DELETE FROM leases WHERE gateway_id IN"
+                    " (SELECT id FROM gateways WHERE seen_at < ?)",
+                    (cutoff,),
                 )
+                conn.execute("DELETE FROM gateways WHERE seen_at < ?", (cutoff,))
 
-        await self._run(_set)
+        await self._run(_beat)
+
+    async def lease(self, gateway_id: str, account_id: str, want: int) -> tuple[int, int]:
+        """Grant up to ``want`` of the account's unleased credit: (granted, still unleased)."""
+
+        def _lease(conn: sqlite3.Connection) -> tuple[int, int]:
+            now = now_us()
+            with self._write(conn):
+                self._touch(conn, gateway_id, now)
+                row = conn.execute(
+                    f"SELECT a.balance, {_LIVE_LEASES} FROM accounts a WHERE a.id = ?",
+                    (now - LEASE_TTL_US, account_id),
+                ).fetchone()
+                if row is None:
+                    return 0, 0
+                free = max(0, row[0] - row[1])
+                grant = max(0, min(want, free))
+                if grant:
+                    conn.execute(
+                        "INSERT INTO leases (gateway_id, account_id, amount) VALUES (?, ?, ?)"
+                        " ON CONFLICT (gateway_id, account_id)"
+                        " DO UPDATE SET amount = leases.amount + excluded.amount",
+                        (gateway_id, account_id, grant),
+                    )
+            return grant, free - grant
+
+        return await self._run(_lease)
+
+    async def release(self, gateway_id: str, amounts: dict[str, int]) -> None:
+        """Give leased credit back (never below zero)."""
+
+        def _release(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                self._shrink_leases(conn, gateway_id, amounts)
+
+        if amounts:
+            await self._run(_release)
+
+    async def retire(self, gateway_id: str) -> None:
+        """A clean shutdown: every lease of this gateway goes back at once."""
+
+        def _retire(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                conn.execute("DELETE FROM leases WHERE gateway_id = ?", (gateway_id,))
+                conn.execute("DELETE FROM gateways WHERE id = ?", (gateway_id,))
+
+        await self._run(_retire)
+
+    @staticmethod
+    def _touch(conn: sqlite3.Connection, gateway_id: str, now: int) -> None:
+        conn.execute(
+            "INSERT INTO gateways (id, seen_at) VALUES (?, ?)"
+            " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
+            (gateway_id, now),
+        )
+
+    @staticmethod
+    def _shrink_leases(conn: sqlite3.Connection, gateway_id: str, amounts: dict[str, int]) -> None:
+        for account_id in sorted(amounts):
+            conn.execute(
+                "UPDATE leases SET amount = CASE WHEN amount > ? THEN amount - ? ELSE 0 END"
+                " WHERE gateway_id = ? AND account_id = ?",
+                (amounts[account_id], amounts[account_id], gateway_id, account_id),
+            )
+        conn.execute("DELETE FROM leases WHERE gateway_id = ? AND amount <= 0", (gateway_id,))
 
 
 def _check_limits(rpm: int | None, tpm: int | None) -> None:
