@@ -19,7 +19,7 @@ import orjson
 from aiohttp import web
 
 from bastion.auth import hash_key
-from bastion.config import Config, ModelConfig, UpstreamConfig
+from bastion.config import Config, ModelConfig
 from bastion.credit import CreditBook, LedgerWriter, Reservation
 from bastion.errors import APIError
 from bastion.metering import Usage, estimate_input, input_bound
@@ -43,9 +43,8 @@ class Gateway:
         self.keys: dict[str, ApiKey] = {}
         self.book = CreditBook(self.store, "gw_" + secrets.token_hex(6))
         self.writer = LedgerWriter(self.store, self.book, self._load, config.refresh_interval_s)
-        self.relay = Relay(config.upstreams)
-        self.metrics = Metrics()
-        self.outstanding = dict.fromkeys(config.upstreams, 0)
+        self.relay = Relay(config.upstreams, config.health_check_interval_s)
+        self.metrics = Metrics(self.relay.pool)
         self.created = int(time.time())
         self._ready: tuple[float, bool] = (0.0, False)
 
@@ -90,11 +89,7 @@ class Gateway:
             if reservation is None:
                 raise self.insufficient(key, worst_cost, bound, cap, endpoint)
             call = self.prepare(request_id, endpoint, req, model, cap, bound, headers)
-            self.outstanding[call.upstream.name] += 1
-            try:
-                response = await self.relay.send(request, call)
-            finally:
-                self.outstanding[call.upstream.name] -= 1
+            response = await self.relay.send(request, call)
             self.metrics.overhead.labels(endpoint).observe(
                 max(0.0, time.perf_counter() - started - call.upstream_s)
             )
@@ -260,12 +255,10 @@ class Gateway:
             if not options.get("include_usage"):
                 body["stream_options"] = {**options, "include_usage": True}
                 strip_usage = changed = True
-        upstream = self.pick_upstream(model)
         return Call(
             request_id=request_id,
             endpoint=endpoint,
             model=model,
-            upstream=upstream,
             payload=orjson.dumps(body) if changed else req.raw,
             stream=req.stream,
             store_true=req.store_true,
@@ -273,12 +266,6 @@ class Gateway:
             headers=headers,
             input_bound=bound,
         )
-
-    def pick_upstream(self, model: ModelConfig) -> UpstreamConfig:
-        """Least outstanding requests among the model's upstreams."""
-        names = model.upstreams
-        name = names[0] if len(names) == 1 else min(names, key=self.outstanding.__getitem__)
-        return self.config.upstreams[name]
 
     def settle(
         self,

@@ -80,6 +80,7 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     admin_token: str = ""
     refresh_interval_s: float = 1.0
+    health_check_interval_s: float = 5.0
 
 
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
@@ -169,6 +170,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         models=models,
         admin_token=str(admin.get("token", "")),
         refresh_interval_s=float(data.get("refresh_interval_s", 1.0)),
+        health_check_interval_s=float(data.get("health_check_interval_s", 5.0)),
     )
 
 

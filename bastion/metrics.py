@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from bastion.upstreams import UpstreamPool
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 _SLOW = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
+class UpstreamCollector(Collector):
+    """Per-upstream figures read from the pool at scrape time: nothing on the hot path."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        labels = ["upstream"]
+        attempts = CounterMetricFamily("bastion_upstream_requests", "Attempts sent", labels=labels)
+        errors = CounterMetricFamily(
+            "bastion_upstream_failures", "Connect errors and 5xx answers", labels=labels
+        )
+        outstanding = GaugeMetricFamily(
+            "bastion_upstream_outstanding", "Requests in flight", labels=labels
+        )
+        available = GaugeMetricFamily(
+            "bastion_upstream_available", "1 in rotation, 0 ejected", labels=labels
+        )
+        for name, replica in self.pool.replicas.items():
+            attempts.add_metric([name], replica.attempts)
+            errors.add_metric([name], replica.errors)
+            outstanding.add_metric([name], replica.outstanding)
+            available.add_metric([name], 1 if replica.available else 0)
+        yield from (attempts, errors, outstanding, available)
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, pool: UpstreamPool | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if pool is not None:
+            r.register(UpstreamCollector(pool))
         self.requests = Counter(
             "bastion_requests",
             "Client requests by endpoint and status",
@@ -40,9 +74,6 @@ class Metrics:
             ["endpoint"],
             buckets=_SLOW,
             registry=r,
-        )
-        self.upstream_errors = Counter(
-            "bastion_upstream_errors", "Upstream failures", ["upstream"], registry=r
         )
         self.in_flight = Gauge("bastion_in_flight", "Requests in flight", registry=r)
         self.ledger_queue = Gauge(

@@ -21,6 +21,7 @@ from aiohttp import web
 from bastion.config import ModelConfig, UpstreamConfig
 from bastion.errors import APIError
 from bastion.metering import Usage, usage_from
+from bastion.upstreams import Replica, UpstreamPool
 
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
 _SEQ = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
@@ -41,12 +42,13 @@ class Call:
     request_id: str
     endpoint: str  # "responses" | "chat"
     model: ModelConfig
-    upstream: UpstreamConfig
     payload: bytes
     stream: bool
     store_true: bool
     strip_usage: bool  # chat: Bastion asked for the usage chunk; the client did not
     headers: dict[str, str] = field(default_factory=dict)  # for the client
+    upstream: UpstreamConfig | None = None  # the replica that answered (or failed last)
+    attempts: int = 0
     # outcome
     reached: bool = False  # the upstream received the request (a ledger row is due)
     status: str = "502"
@@ -59,8 +61,11 @@ class Call:
 
 
 class Relay:
-    def __init__(self, upstreams: dict[str, UpstreamConfig]) -> None:
+    def __init__(
+        self, upstreams: dict[str, UpstreamConfig], health_interval_s: float = 5.0
+    ) -> None:
         self.upstreams = upstreams
+        self.pool = UpstreamPool(upstreams, health_interval_s)
         self.session: aiohttp.ClientSession | None = None
         self.timeouts = {
             name: aiohttp.ClientTimeout(
@@ -77,13 +82,16 @@ class Relay:
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
+        await self.pool.start(self.session)
 
     async def close(self) -> None:
+        await self.pool.close()
         if self.session:
             await self.session.close()
 
     def _headers(self, call: Call) -> dict[str, str]:
         headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
+        assert call.upstream is not None
         if call.upstream.api_key:
             headers["Authorization"] = f"Bearer {call.upstream.api_key}"
         if call.stream:
@@ -91,9 +99,30 @@ class Relay:
         return headers
 
     async def send(self, request: web.Request, call: Call) -> web.StreamResponse:
+        """Try the model's replicas until one answers; retry only before the client got a byte."""
         assert self.session is not None
         path = "/responses" if call.endpoint == "responses" else "/chat/completions"
+        tried: set[str] = set()
         sent = time.perf_counter()
+        error: APIError | None = None
+        while (replica := self.pool.pick(call.model.upstreams, tried)) is not None:
+            tried.add(replica.config.name)
+            call.upstream = replica.config
+            call.attempts += 1
+            replica.outstanding += 1
+            try:
+                return await self._attempt(request, call, replica, path, sent)
+            except _Retry as retry:
+                error = retry.error
+            finally:
+                replica.outstanding -= 1
+        assert error is not None
+        raise error
+
+    async def _attempt(
+        self, request: web.Request, call: Call, replica: Replica, path: str, sent: float
+    ) -> web.StreamResponse:
+        assert self.session is not None and call.upstream is not None
         try:
             upstream = await self.session.post(
                 call.upstream.url + path,
@@ -102,7 +131,12 @@ class Relay:
                 timeout=self.timeouts[call.upstream.name],
             )
         except _UNREACHABLE as exc:
-            raise APIError(502, "upstream_error", f"upstream unreachable: {exc}") from None
+            self.pool.failed(replica, str(exc))
+            raise _Retry(APIError(502, "upstream_error", f"upstream unreachable: {exc}")) from None
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+            call.reached = True
+            self.pool.failed(replica, str(exc))
+            raise _Retry(APIError(502, "upstream_error", _describe(exc))) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             call.reached = True
             raise APIError(502, "upstream_error", _describe(exc)) from None
@@ -110,7 +144,12 @@ class Relay:
         call.first_byte_at = time.perf_counter()
         try:
             if upstream.status >= 400:
-                raise upstream_error(upstream.status, await _read_some(upstream), call)
+                error = upstream_error(upstream.status, await _read_some(upstream), call)
+                if upstream.status >= 500 and not call.store_true:
+                    self.pool.failed(replica, f"status {upstream.status}")
+                    raise _Retry(error)
+                raise error
+            self.pool.succeeded(replica)
             if call.stream:
                 return await self._stream(request, upstream, call)
             return await self._json(upstream, call)
@@ -171,6 +210,14 @@ class Relay:
             call.status = "502" if scanner.errored else "200"
         await response.write_eof()
         return response
+
+
+class _Retry(Exception):
+    """This replica failed before the client saw anything: another may be tried."""
+
+    def __init__(self, error: APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 class ResponsesScanner:
