@@ -1,7 +1,294 @@
-"""Placeholder: the admin API is being written."""
+"""The admin HTTP API (SPEC §4): the CLI's operations under ``/admin/v1/…``.
 
+It exists so an operator's tooling can manage accounts and keys without shell
+access to a machine holding the database URL. Same operations, same JSON shapes as
+``bastion … --json`` (both render through ``bastion.views``), same store calls; a
+change reaches every gateway at its next snapshot refresh, as a CLI change does.
+
+Off unless ``BASTION_ADMIN_TOKEN`` (or ``[admin] token``) is set: then the routes
+are not even registered and the gateway's catch-all answers 404. Errors are the
+OpenAI error object, like the rest of the gateway; see docs/admin.md for the table.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
 from aiohttp import web
 
+from bastion.app import Gateway, _error, _json
+from bastion.errors import APIError, invalid
+from bastion.money import MoneyError, parse_usd
+from bastion.store import StoreError
+from bastion.views import (
+    account_json,
+    key_json,
+    ledger_json,
+    new_account_json,
+    new_key_json,
+    parse_since,
+)
 
-def add_admin_routes(app: web.Application, gateway: object) -> None:
-    return None
+log = logging.getLogger("bastion.admin")
+
+PREFIX = "/admin/v1"
+
+Handler = Callable[[web.Request], Awaitable[Any]]
+
+# `since=…+01:00` typed into a URL unencoded arrives with the `+` decoded to a space.
+_SPACE_OFFSET = re.compile(r"^(.*\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$")
+
+
+def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
+    """Register /admin/v1/… (``create_app`` calls this only when an admin token is set)."""
+    admin = Admin(gateway)
+    routes: list[tuple[str, str, Handler, int]] = [
+        ("POST", "/accounts", admin.create_account, 201),
+        ("GET", "/accounts", admin.list_accounts, 200),
+        ("GET", "/accounts/{name}", admin.show_account, 200),
+        ("POST", "/accounts/{name}/credit", admin.credit_account, 200),
+        ("POST", "/keys", admin.create_key, 201),
+        ("GET", "/keys", admin.list_keys, 200),
+        ("PATCH", "/keys/{id}", admin.update_key, 200),
+        ("POST", "/keys/{id}/revoke", admin.revoke_key, 200),
+        ("DELETE", "/keys/{id}", admin.revoke_key, 200),
+        ("GET", "/usage", admin.usage, 200),
+    ]
+    for method, path, handler, status in routes:
+        app.router.add_route(method, PREFIX + path, admin.wrap(handler, status))
+
+
+class Admin:
+    """The handlers; each returns the JSON-able result, ``wrap`` does auth and errors."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.store = gateway.store
+        self.config = gateway.config
+        self._token = gateway.config.admin_token.encode()
+
+    # ---- plumbing ----------------------------------------------------------------
+    def wrap(self, handler: Handler, status: int) -> Handler:
+        """Auth first, then the handler; every answer is JSON with an x-request-id."""
+
+        async def run(request: web.Request) -> web.Response:
+            request_id = "req_" + uuid.uuid4().hex
+            try:
+                self.authorize(request)
+                result = await handler(request)
+            except APIError as exc:
+                if exc.status == 401:
+                    exc.headers.setdefault("www-authenticate", 'Bearer realm="bastion-admin"')
+                return _error(exc, request_id)
+            except StoreError as exc:  # a store call no handler expected to refuse
+                return _error(_store_error(exc), request_id)
+            except Exception:  # the store is down or broken: still an OpenAI error object
+                log.exception("admin %s %s failed (%s)", request.method, request.path, request_id)
+                failure = APIError(
+                    500,
+                    "internal_error",
+                    f"The admin operation failed; see the gateway log for {request_id}.",
+                    type="server_error",
+                )
+                return _error(failure, request_id)
+            if request.method != "GET":
+                log.info("admin %s %s -> %d (%s)", request.method, request.path, status, request_id)
+            return _json(result, request_id, status)
+
+        return run
+
+    def authorize(self, request: web.Request) -> None:
+        """Constant-time comparison, so the token cannot be guessed byte by byte."""
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip().encode()
+        if scheme.lower() != "bearer" or not given or not hmac.compare_digest(given, self._token):
+            raise APIError(
+                401,
+                "invalid_api_key",
+                "Missing or incorrect admin token: send 'Authorization: Bearer "
+                "<BASTION_ADMIN_TOKEN>'. (qbt_ client keys are not admin tokens.)",
+            )
+
+    async def body(self, request: web.Request, allowed: tuple[str, ...]) -> dict[str, Any]:
+        """The JSON object sent, refusing unknown fields so a typo is never silently ignored."""
+        raw = await self.gateway.read_body(request)
+        if not raw.strip():
+            data: Any = {}
+        else:
+            try:
+                data = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise invalid("The body is not valid JSON.") from None
+        if not isinstance(data, dict):
+            raise invalid("The body must be a JSON object.")
+        for field in data:
+            if field not in allowed:
+                known = ", ".join(f"'{f}'" for f in allowed) or "none"
+                raise invalid(f"Unknown field '{field}'; known fields: {known}.", field)
+        return data
+
+    # ---- accounts ----------------------------------------------------------------
+    async def create_account(self, request: web.Request) -> Any:
+        body = await self.body(request, ("name", "credit"))
+        name = _string(body, "name", required=True)
+        credit = _amount(body, "credit", default="0")
+        if credit < 0:
+            raise invalid("'credit' must not be negative.", "credit")
+        try:
+            account = await self.store.create_account(name, credit)
+        except StoreError as exc:
+            raise _store_error(exc, "name") from None
+        return new_account_json(account)
+
+    async def list_accounts(self, request: web.Request) -> Any:
+        _query(request, ())
+        return [account_json(a) for a in await self.store.list_accounts()]
+
+    async def show_account(self, request: web.Request) -> Any:
+        try:
+            account = await self.store.get_account(request.match_info["name"])
+        except StoreError as exc:
+            raise _store_error(exc) from None
+        return account_json(account)
+
+    async def credit_account(self, request: web.Request) -> Any:
+        body = await self.body(request, ("amount",))
+        amount = _amount(body, "amount")
+        try:
+            account = await self.store.credit_account(request.match_info["name"], amount)
+        except StoreError as exc:
+            raise _store_error(exc, "amount") from None
+        return account_json(account)
+
+    # ---- keys --------------------------------------------------------------------
+    async def create_key(self, request: web.Request) -> Any:
+        body = await self.body(request, ("account", "name", "rpm", "tpm"))
+        account = _string(body, "account", required=True)
+        label = _string(body, "name", required=False)
+        rpm = _limit(body, "rpm", nullable=True)
+        tpm = _limit(body, "tpm", nullable=True)
+        try:
+            key, plaintext = await self.store.create_key(account, label, rpm, tpm)
+        except StoreError as exc:
+            raise _store_error(exc, "account") from None
+        return new_key_json(key, plaintext, self.config)
+
+    async def list_keys(self, request: web.Request) -> Any:
+        account = _query(request, ("account",)).get("account")
+        try:
+            keys = await self.store.list_keys(account)
+        except StoreError as exc:
+            raise _store_error(exc, "account") from None
+        return [key_json(k, self.config) for k in keys]
+
+    async def update_key(self, request: web.Request) -> Any:
+        body = await self.body(request, ("rpm", "tpm"))
+        if not body:
+            raise invalid("Nothing to change: send 'rpm' and/or 'tpm' (0 = unlimited).")
+        rpm = _limit(body, "rpm", nullable=False)
+        tpm = _limit(body, "tpm", nullable=False)
+        try:
+            key = await self.store.update_key(request.match_info["id"], rpm=rpm, tpm=tpm)
+        except StoreError as exc:
+            raise _store_error(exc) from None
+        return key_json(key, self.config)
+
+    async def revoke_key(self, request: web.Request) -> Any:
+        """Idempotent (the store keeps the first revocation); no body needed."""
+        try:
+            key = await self.store.revoke_key(request.match_info["id"])
+        except StoreError as exc:
+            raise _store_error(exc) from None
+        return key_json(key, self.config)
+
+    # ---- usage -------------------------------------------------------------------
+    async def usage(self, request: web.Request) -> Any:
+        query = _query(request, ("account", "since"))
+        since_us = None
+        if "since" in query:
+            text = _SPACE_OFFSET.sub(r"\1+\2", query["since"])
+            try:
+                since_us = parse_since(text)
+            except ValueError as exc:
+                raise invalid(f"'since': {exc}", "since") from None
+        try:
+            rows = await self.store.usage(query.get("account"), since_us)
+        except StoreError as exc:
+            raise _store_error(exc, "account") from None
+        names = {a.id: a.name for a in await self.store.list_accounts()}
+        return [ledger_json(r, names) for r in rows]
+
+
+# ---- field checks ------------------------------------------------------------------
+
+
+def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
+    """Query parameters, refusing unknown ones (``?acount=x`` must not list everything)."""
+    for name in request.query:
+        if name not in allowed:
+            known = ", ".join(f"'{f}'" for f in allowed) or "none"
+            raise invalid(f"Unknown query parameter '{name}'; known: {known}.", name)
+    return {name: request.query[name] for name in allowed if name in request.query}
+
+
+def _string(body: dict[str, Any], field: str, *, required: bool) -> str:
+    value = body.get(field)
+    if value is None:
+        if required:
+            raise invalid(f"Missing required field '{field}'.", field)
+        return ""
+    if not isinstance(value, str):
+        raise invalid(f"'{field}' must be a string.", field)
+    return value
+
+
+def _amount(body: dict[str, Any], field: str, default: str | None = None) -> int:
+    """USD as a decimal string; JSON numbers are refused, since a float is not money."""
+    value = body.get(field, default)
+    if value is None:
+        raise invalid(f"Missing required field '{field}' (USD as a decimal string).", field)
+    if not isinstance(value, str):
+        raise invalid(
+            f'\'{field}\' must be a decimal string in USD, e.g. "10.00" or "-0.50": '
+            "JSON numbers are refused because floats are not exact money.",
+            field,
+        )
+    try:
+        return parse_usd(value)
+    except MoneyError as exc:
+        raise invalid(f"'{field}': {exc}.", field) from None
+
+
+def _limit(body: dict[str, Any], field: str, *, nullable: bool) -> int | None:
+    """A per-minute limit: integer ≥ 0 (0 = unlimited); absent = default / unchanged."""
+    if field not in body:
+        return None
+    value = body[field]
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        hint = "" if nullable else "; omit it to leave it unchanged"
+        raise invalid(f"'{field}' must be an integer ≥ 0 (0 = unlimited){hint}.", field)
+    return value
+
+
+def _store_error(exc: StoreError, param: str | None = None) -> APIError:
+    """Map the store's refusals to HTTP: unknown → 404, clashes with current state → 409.
+
+    The store raises one exception type whose message is for humans, so the class is
+    read from the message's wording; anything unrecognised is a 400.
+    """
+    message = str(exc)
+    if message.startswith(("no account named", "no key with id")):
+        return APIError(404, "not_found", message, param if param == "account" else None)
+    if "already exists" in message:
+        return APIError(409, "conflict", message, param)
+    if message.startswith("cannot take back"):
+        return APIError(409, "insufficient_balance", message, param)
+    return APIError(400, "invalid_request", message, param)

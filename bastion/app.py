@@ -36,10 +36,10 @@ _ENDPOINT_PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions"}
 
 
 class Gateway:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, replicas: int = 1) -> None:
         self.config = config
         self.store = open_store(config.database_url)
-        self.limiter = open_limiter(config.ratelimit.url)
+        self.limiter = open_limiter(config.ratelimit.url, replicas=replicas)
         self.keys: dict[str, ApiKey] = {}
         self.book = CreditBook(self.store, "gw_" + secrets.token_hex(6))
         self.writer = LedgerWriter(self.store, self.book, self._load, config.refresh_interval_s)
@@ -418,12 +418,12 @@ def _error(exc: APIError, request_id: str) -> web.Response:
     )
 
 
-def create_app(config: Config) -> web.Application:
+def create_app(config: Config, replicas: int = 1) -> web.Application:
     import aiohttp
 
     global _PROBE_TIMEOUT
     _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2)
-    gateway = Gateway(config)
+    gateway = Gateway(config, replicas)
     # the body limit is enforced by read_body; aiohttp's own is set just above it
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
     app["gateway"] = gateway
@@ -451,34 +451,3 @@ def create_app(config: Config) -> web.Application:
         add_admin_routes(app, gateway)
     r.add_route("*", "/{tail:.*}", gateway.not_found)
     return app
-
-
-def serve(
-    config: Config, host: str | None = None, port: int | None = None, workers: int | None = None
-) -> None:
-    """Run the gateway until interrupted (``bastion serve``)."""
-    workers = workers or config.server.workers
-    if workers > 1:
-        problems = []
-        if config.database_url.startswith("sqlite:"):
-            problems.append("database.url is SQLite (set a postgresql:// URL)")
-        if config.ratelimit.url.startswith("memory:"):
-            problems.append("ratelimit.url is memory:// (set a redis:// URL)")
-        raise SystemExit(
-            f"--workers {workers} needs PostgreSQL and Redis shared by every worker: "
-            + "; ".join(problems or ["multi-worker mode is not built yet"])
-            + "."
-        )
-    import uvloop
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = create_app(config)
-    web.run_app(
-        app,
-        host=host or config.server.host,
-        port=port or config.server.port,
-        access_log=None,
-        handler_cancellation=True,
-        loop=uvloop.new_event_loop(),
-        print=lambda msg: log.info("%s", msg),
-    )

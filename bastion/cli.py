@@ -345,7 +345,7 @@ def serve(
 ) -> None:
     """Run the gateway."""
     cfg = load_config(config)
-    run = _lazy("bastion.app", "serve")
+    run = _lazy("bastion.server", "serve")
     run(cfg, host=host, port=port, workers=cfg.server.workers if workers is None else workers)
 
 

@@ -10,6 +10,7 @@ Redis limiter (scale-out) runs the same arithmetic server-side.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,19 +40,31 @@ def duration(seconds: float) -> str:
     return f"{int(minutes)}m{secs_text}s" if minutes else f"{secs_text}s"
 
 
-def gcra(tat: float, now: float, limit: int, weight: int) -> tuple[bool, float]:
-    """One GCRA step: (allowed, new TAT). ``weight`` units of a ``limit``/minute budget."""
-    interval = PERIOD_S / limit
+def gcra(
+    tat: float, now: float, limit: int, weight: int, period: float = PERIOD_S
+) -> tuple[bool, float]:
+    """One GCRA step: (allowed, new TAT). ``weight`` units of a ``limit``/period budget."""
+    interval = period / limit
     new_tat = max(tat, now) + weight * interval
-    return new_tat - now <= PERIOD_S, new_tat
+    return new_tat - now <= period, new_tat
 
 
-def headers_for(suffix: str, limit: int, tat: float, now: float, out: dict[str, str]) -> None:
-    """x-ratelimit-{limit,remaining,reset}-{suffix} from a TAT; nothing for unlimited."""
+def headers_for(
+    suffix: str,
+    limit: int,
+    tat: float,
+    now: float,
+    out: dict[str, str],
+    period: float = PERIOD_S,
+) -> None:
+    """x-ratelimit-{limit,remaining,reset}-{suffix} from a TAT; nothing for unlimited.
+
+    Shared by both limiters so a client sees the same headers whichever one answered.
+    """
     if not limit:
         return
     used = max(0.0, tat - now)
-    remaining = int((PERIOD_S - used) * limit / PERIOD_S)
+    remaining = int((period - used) * limit / period)
     out[f"x-ratelimit-limit-{suffix}"] = str(limit)
     out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, remaining))
     out[f"x-ratelimit-reset-{suffix}"] = duration(used)
@@ -60,8 +73,12 @@ def headers_for(suffix: str, limit: int, tat: float, now: float, out: dict[str, 
 class MemoryLimiter:
     """Exact GCRA in one process: a dict of TATs, no locks (one event loop)."""
 
-    def __init__(self, clock: callable = time.monotonic) -> None:  # type: ignore[valid-type]
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, period_s: float = PERIOD_S
+    ) -> None:
+        # period_s: 60 in production; shorter only so tests can watch a refill
         self._clock = clock
+        self._period = period_s
         self._req: dict[str, float] = {}
         self._tok: dict[str, float] = {}
 
@@ -69,8 +86,9 @@ class MemoryLimiter:
         now = self._clock()
         req_tat = self._req.get(key_id, now)
         tok_tat = self._tok.get(key_id, now)
-        ok_req, new_req = gcra(req_tat, now, rpm, 1) if rpm else (True, req_tat)
-        ok_tok, new_tok = gcra(tok_tat, now, tpm, tokens) if tpm else (True, tok_tat)
+        period = self._period
+        ok_req, new_req = gcra(req_tat, now, rpm, 1, period) if rpm else (True, req_tat)
+        ok_tok, new_tok = gcra(tok_tat, now, tpm, tokens, period) if tpm else (True, tok_tat)
         decision = Decision(ok_req and ok_tok)
         if decision.allowed:
             if rpm:
@@ -83,26 +101,33 @@ class MemoryLimiter:
             decision.reason = "requests" if not ok_req else "tokens"
             waits = []
             if not ok_req:
-                waits.append(new_req - now - PERIOD_S)
+                waits.append(new_req - now - period)
             if not ok_tok:
-                waits.append(new_tok - now - PERIOD_S)
+                waits.append(new_tok - now - period)
             decision.retry_after_s = max(waits)
-        headers_for("requests", rpm, req_tat, now, decision.headers)
-        headers_for("tokens", tpm, tok_tat, now, decision.headers)
+        headers_for("requests", rpm, req_tat, now, decision.headers, period)
+        headers_for("tokens", tpm, tok_tat, now, decision.headers, period)
         return decision
 
     def refund(self, key_id: str, tpm: int, tokens: int) -> None:
         """Give back tokens reserved at admission but not used (or charge extra if < 0)."""
         if tpm and tokens and key_id in self._tok:
-            self._tok[key_id] -= tokens * PERIOD_S / tpm
+            self._tok[key_id] -= tokens * self._period / tpm
 
     async def close(self) -> None:
         return None
 
 
-def open_limiter(url: str) -> Limiter:
+def open_limiter(url: str, replicas: int = 1) -> Limiter:
+    """The limiter for ``ratelimit.url``.
+
+    ``replicas``: how many gateway processes share the Redis limiter; only used to
+    divide the limits of the per-process fallback while Redis is unreachable.
+    """
     if url.startswith("memory:"):
         return MemoryLimiter()
     if url.startswith(("redis://", "rediss://", "unix://")):
-        raise ValueError("the Redis limiter is not built yet (see issue: scale-out)")
+        from bastion.ratelimit_redis import RedisLimiter  # redis is an optional extra
+
+        return RedisLimiter(url, replicas=replicas)
     raise ValueError(f"unsupported ratelimit url {url!r}: use memory:// or redis://…")

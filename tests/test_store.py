@@ -1,24 +1,41 @@
-"""SQLiteStore against a real temp file: every Store method, and the money invariant."""
+"""Both Store backends, for real: every method and the money invariant, on a SQLite temp
+file and on a fresh PostgreSQL database (``pg_url`` in conftest.py), with the same
+expectations; a few tests of SQLite internals, and PostgreSQL's cross-replica races."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from bastion.auth import hash_key, well_formed
 from bastion.store import LedgerRow, Store, StoreError, open_store
 from bastion.store.migrate import load_migrations, split_statements
+from bastion.store.postgres import PostgresStore, redact
 from bastion.store.sqlite import SQLiteStore, sqlite_path
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every test taking this (or ``store``) runs once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bastion.db'}"  # tmp_path is absolute: sqlite:////…
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'bastion.db'}"  # tmp_path is absolute: sqlite:////…
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'bastion.db'}"
 
 
 @pytest.fixture
@@ -51,24 +68,38 @@ def row(request_id: str, account_id: str, key_id: str, cost: int, **kw: object) 
     return LedgerRow(**values)  # type: ignore[arg-type]
 
 
-def invariant_holds(path: str) -> dict[str, tuple[int, int, int]]:
-    """balance == Σ credits − Σ ledger, and spent == Σ ledger, read straight from the file."""
-    conn = sqlite3.connect(path)
+async def query(url: str, sql: str) -> list[tuple[Any, ...]]:
+    """One parameterless statement straight on the database, behind the store's back."""
+    if url.startswith("sqlite:"):
+        conn = sqlite3.connect(sqlite_path(url))
+        try:
+            with conn:
+                return [tuple(r) for r in conn.execute(sql)]
+        finally:
+            conn.close()
+    pg = await asyncpg.connect(url)
     try:
-        result = {}
-        for account_id, balance, spent in conn.execute("SELECT id, balance, spent FROM accounts"):
-            credits = conn.execute(
-                "SELECT COALESCE(SUM(amount), 0) FROM credits WHERE account_id = ?", (account_id,)
-            ).fetchone()[0]
-            costs = conn.execute(
-                "SELECT COALESCE(SUM(cost), 0) FROM ledger WHERE account_id = ?", (account_id,)
-            ).fetchone()[0]
-            assert balance == credits - costs, account_id
-            assert spent == costs, account_id
-            result[account_id] = (balance, credits, costs)
-        return result
+        return [tuple(r) for r in await pg.fetch(sql)]
     finally:
-        conn.close()
+        await pg.close()
+
+
+async def invariant_holds(url: str) -> dict[str, tuple[int, int, int]]:
+    """balance == Σ credits − Σ ledger, and spent == Σ ledger, read straight from the tables."""
+    rows = await query(
+        url,
+        "SELECT a.id, a.balance, a.spent,"
+        " COALESCE((SELECT SUM(c.amount) FROM credits c WHERE c.account_id = a.id), 0),"
+        " COALESCE((SELECT SUM(l.cost) FROM ledger l WHERE l.account_id = a.id), 0)"
+        " FROM accounts a",
+    )
+    result = {}
+    for account_id, balance, spent, credits, costs in rows:
+        credits, costs = int(credits), int(costs)  # PostgreSQL's SUM is NUMERIC
+        assert balance == credits - costs, account_id
+        assert spent == costs, account_id
+        result[account_id] = (balance, credits, costs)
+    return result
 
 
 # ---- urls and migrations --------------------------------------------------------------
@@ -117,42 +148,46 @@ def test_migrations_are_numbered_and_ordered() -> None:
     assert any("CREATE TABLE ledger" in s for s in migrations[0].statements)
 
 
-async def test_migrate_twice_and_pragmas(store: SQLiteStore, db_url: str) -> None:
+async def test_migrate_twice(store: Store, db_url: str) -> None:
     await store.migrate()
     await store.migrate()
-    conn = sqlite3.connect(sqlite_path(db_url))
-    try:
-        versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations")]
-        assert versions == [m.version for m in load_migrations()]
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"accounts", "credits", "api_keys", "ledger", "leases", "gateways"} <= tables
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    finally:
-        conn.close()
+    versions = [r[0] for r in await query(db_url, "SELECT version FROM schema_migrations")]
+    assert sorted(versions) == [m.version for m in load_migrations()]
+    if db_url.startswith("sqlite:"):
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    else:
+        sql = "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+    tables = {r[0] for r in await query(db_url, sql)}
+    assert {"accounts", "credits", "api_keys", "ledger", "leases", "gateways"} <= tables
+    assert "reservations" not in tables  # dropped by 0002
+
+
+async def test_sqlite_pragmas(sqlite_url: str) -> None:
+    store = SQLiteStore(sqlite_url)
+    await store.migrate()
+    assert (await query(sqlite_url, "PRAGMA journal_mode"))[0][0] == "wal"
     # settings on the store's own connection
     assert await store._run(lambda c: c.execute("PRAGMA synchronous").fetchone()[0]) == 2  # FULL
     assert await store._run(lambda c: c.execute("PRAGMA busy_timeout").fetchone()[0]) == 10_000
+    await store.close()
 
 
 async def test_concurrent_migrate_from_many_stores(db_url: str) -> None:
-    stores = [SQLiteStore(db_url) for _ in range(6)]
+    stores = [open_store(db_url) for _ in range(6)]
     await asyncio.gather(*(s.migrate() for s in stores))
     await asyncio.gather(*(s.close() for s in stores))
-    conn = sqlite3.connect(sqlite_path(db_url))
-    try:
-        assert conn.execute("SELECT COUNT(*) FROM schema_migrations").fetchone()[0] == len(
-            load_migrations()
-        )
-    finally:
-        conn.close()
+    count = (await query(db_url, "SELECT COUNT(*) FROM schema_migrations"))[0][0]
+    assert count == len(load_migrations())
 
 
-async def test_runs_off_the_event_loop_thread(store: SQLiteStore) -> None:
+async def test_runs_off_the_event_loop_thread(sqlite_url: str) -> None:
     import threading
 
+    store = SQLiteStore(sqlite_url)
     name = await store._run(lambda c: threading.current_thread().name)
     assert name.startswith("bastion-sqlite")
     assert name != threading.current_thread().name
+    await store.close()
 
 
 # ---- accounts -------------------------------------------------------------------------
@@ -183,7 +218,7 @@ async def test_create_account_refusals(store: Store) -> None:
     assert (await store.get_account("acme")).balance == 0
 
 
-async def test_credit_and_refused_overdraft(store: SQLiteStore, db_url: str) -> None:
+async def test_credit_and_refused_overdraft(store: Store, db_url: str) -> None:
     await store.create_account("acme", 1_000)
     assert (await store.credit_account("acme", 500)).balance == 1_500
     assert (await store.credit_account("acme", -1_500)).balance == 0
@@ -197,13 +232,10 @@ async def test_credit_and_refused_overdraft(store: SQLiteStore, db_url: str) -> 
     with pytest.raises(StoreError, match="zero"):
         await store.credit_account("acme", 0)
     assert (await store.get_account("acme")).balance == 2_000_000_000
-    (balance, credits, costs) = next(iter(invariant_holds(sqlite_path(db_url)).values()))
+    (balance, credits, costs) = next(iter((await invariant_holds(db_url)).values()))
     assert (balance, credits, costs) == (2_000_000_000, 2_000_000_000, 0)
-    conn = sqlite3.connect(sqlite_path(db_url))
-    try:  # one credits row per grant/take-back: 1000, 500, -1500, 2e9; nothing for refusals
-        amounts = [r[0] for r in conn.execute("SELECT amount FROM credits ORDER BY created_at")]
-    finally:
-        conn.close()
+    # one credits row per grant/take-back: 1000, 500, -1500, 2e9; nothing for refusals
+    amounts = [r[0] for r in await query(db_url, "SELECT amount FROM credits")]
     assert sorted(amounts) == sorted([1_000, 500, -1_500, 2_000_000_000])
 
 
@@ -297,7 +329,7 @@ async def test_write_ledger_charges_once(store: Store, db_url: str) -> None:
     assert await store.write_ledger([]) == 0
     got = await store.get_account("acme")
     assert (got.balance, got.spent) == (1_000_000 - 501, 501)
-    invariant_holds(sqlite_path(db_url))
+    await invariant_holds(db_url)
 
 
 async def test_duplicate_inside_one_batch_is_charged_once(store: Store) -> None:
@@ -317,14 +349,14 @@ async def test_write_ledger_may_overdraw(store: Store, db_url: str) -> None:
     assert (got.balance, got.spent) == (-150, 250)
     with pytest.raises(StoreError, match=r"balance is -0\.00000015 USD"):
         await store.credit_account("acme", -1)
-    invariant_holds(sqlite_path(db_url))
+    await invariant_holds(db_url)
 
 
 async def test_write_ledger_is_one_transaction(store: Store) -> None:
     """A bad row (unknown account) rolls back the whole batch: nothing half-charged."""
     acct = await store.create_account("acme", 1_000)
     key, _ = await store.create_key("acme")
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises((sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)):
         await store.write_ledger(
             [row("ok", acct.id, key.id, 100), row("bad", "acct_missing", key.id, 5)]
         )
@@ -357,7 +389,7 @@ async def test_usage_filters_and_order(store: Store) -> None:
 # ---- credit leases, ping ---------------------------------------------------------------
 
 
-async def test_leases_never_exceed_the_balance(store: SQLiteStore) -> None:
+async def test_leases_never_exceed_the_balance(store: Store) -> None:
     a = await store.create_account("a", 1_000)
     assert await store.lease("gw1", a.id, 600) == (600, 400)
     assert await store.lease("gw2", a.id, 600) == (400, 0)  # only what is left
@@ -370,7 +402,7 @@ async def test_leases_never_exceed_the_balance(store: SQLiteStore) -> None:
     assert await store.lease("gw1", "acct_missing", 10) == (0, 0)
 
 
-async def test_a_ledger_write_spends_balance_and_lease_together(store: SQLiteStore) -> None:
+async def test_a_ledger_write_spends_balance_and_lease_together(store: Store) -> None:
     a = await store.create_account("a", 1_000)
     key, _ = await store.create_key("a")
     await store.lease("gw1", a.id, 500)
@@ -381,18 +413,15 @@ async def test_a_ledger_write_spends_balance_and_lease_together(store: SQLiteSto
     assert await store.lease("gw2", a.id, 10_000) == (500, 0)
 
 
-async def test_a_silent_gateway_loses_its_leases(store: SQLiteStore) -> None:
+async def test_a_silent_gateway_loses_its_leases(store: Store, db_url: str) -> None:
     a = await store.create_account("a", 1_000)
     await store.lease("gw_dead", a.id, 700)
     await store.lease("gw_live", a.id, 100)
-    await store._run(
-        lambda c: c.execute(
-            "UPDATE gateways SET seen_at = ? WHERE id = 'gw_dead'", (_now() - 31_000_000,)
-        )
-    )
+    await query(db_url, f"UPDATE gateways SET seen_at = {_now() - 31_000_000} WHERE id = 'gw_dead'")
     assert (await store.get_account("a")).reserved == 100  # expired leases no longer count
     await store.heartbeat("gw_live")  # and are reclaimed
-    assert await store._run(lambda c: c.execute("SELECT COUNT(*) FROM leases").fetchone()) == (1,)
+    assert await query(db_url, "SELECT gateway_id FROM leases") == [("gw_live",)]
+    assert await query(db_url, "SELECT id FROM gateways") == [("gw_live",)]
     await store.retire("gw_live")
     assert (await store.get_account("a")).reserved == 0
     assert (await store.get_account("a")).balance == 1_000  # leases never touch money
@@ -402,7 +431,7 @@ async def test_ping(store: Store) -> None:
     await store.ping()
 
 
-# ---- several stores, one file ---------------------------------------------------------
+# ---- several stores, one database -----------------------------------------------------
 
 
 async def test_two_stores_on_one_file(db_url: str) -> None:
@@ -428,7 +457,7 @@ async def test_two_stores_on_one_file(db_url: str) -> None:
 
 async def test_invariant_under_concurrent_writers(db_url: str) -> None:
     """Credits, take-backs and ledger batches from several stores at once: exact to the nano."""
-    stores = [SQLiteStore(db_url) for _ in range(3)]
+    stores = [open_store(db_url) for _ in range(3)]
     try:
         accts = [await stores[0].create_account(f"acct{i}", 1_000_000_000) for i in range(3)]
         keys = [(await stores[0].create_key(a.name))[0] for a in accts]
@@ -445,7 +474,7 @@ async def test_invariant_under_concurrent_writers(db_url: str) -> None:
                     await s.credit_account(a.name, -3)
 
         await asyncio.gather(*(writer(n) for n in range(6)))
-        result = invariant_holds(sqlite_path(db_url))
+        result = await invariant_holds(db_url)
         rows = await stores[1].usage()
         assert len(rows) == 6 * 30 * 3
         assert sum(costs for (_, _, costs) in result.values()) == sum(r.cost for r in rows)
@@ -455,3 +484,160 @@ async def test_invariant_under_concurrent_writers(db_url: str) -> None:
     finally:
         for s in stores:
             await s.close()
+
+
+# ---- PostgreSQL specifics: urls, connection failures, replicas racing -------------------
+
+
+def test_open_store_postgres_urls() -> None:
+    for url in ("postgresql://u@h:5432/db", "postgres://u@h/db"):
+        assert isinstance(open_store(url), PostgresStore)  # lazy: nothing connects yet
+    assert redact("postgresql://u:s3cret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+async def test_unreachable_postgres_is_a_store_error() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = open_store(f"postgresql://bob:pw@127.0.0.1:{port}/nope")
+    with pytest.raises(
+        StoreError, match=rf"cannot connect to database .*bob:\*\*\*@127.0.0.1:{port}"
+    ):
+        await store.ping()
+    await store.close()
+
+
+async def test_missing_postgres_database_is_a_store_error(pg_url: str) -> None:
+    store = open_store(pg_url + "_missing")
+    with pytest.raises(StoreError, match="cannot connect to database"):
+        await store.create_account("a")
+    await store.close()
+
+
+async def test_two_replicas_never_lease_more_than_the_balance(pg_url: str) -> None:
+    """Two pools (two replicas), 50 concurrent leases each: exactly the balance is leased."""
+    r1, r2 = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        a = await r1.create_account("a", 10_000)
+        await r2.migrate()
+        calls = [r.lease(gw, a.id, 137) for r, gw in ((r1, "gw1"), (r2, "gw2")) for _ in range(50)]
+        grants = await asyncio.gather(*calls)
+        assert sum(g for g, _ in grants) == 10_000  # demand 13_700: all of it, never more
+        assert all(left >= 0 for _, left in grants)
+        assert (await r2.get_account("a")).reserved == 10_000
+        leases = dict(await query(pg_url, "SELECT gateway_id, amount FROM leases"))
+        assert sum(leases.values()) == 10_000
+        assert leases["gw1"] == sum(g for g, _ in grants[:50])
+        with pytest.raises(StoreError, match="held by running gateways"):
+            await r1.credit_account("a", -1)
+    finally:
+        await r1.close()
+        await r2.close()
+
+
+async def test_two_replicas_racing_ledger_leases_and_credits(pg_url: str) -> None:
+    """Overlapping batches in opposite orders, leases, releases, heartbeats and credits from
+    two replicas at once: no deadlock, each row charged once, balance exact to the nano."""
+    r1, r2 = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        accts = [await r1.create_account(f"acct{i}", 1_000_000) for i in range(4)]
+        keys = [(await r1.create_key(a.name))[0] for a in accts]
+        await r2.migrate()
+
+        async def replica(store: PostgresStore, gw: str, flip: bool) -> None:
+            for i in range(12):
+                batch = [
+                    row(f"req-{i}-{j}", accts[j % 4].id, keys[j % 4].id, 100 + i * 40 + j)
+                    for j in range(40)
+                ]  # the same request ids from both replicas, in opposite orders
+                await store.lease(gw, accts[i % 4].id, 5_000)
+                await store.write_ledger(batch[::-1] if flip else batch, gw)
+                if i % 4 == 0:
+                    await store.release(gw, {accts[(i + 1) % 4].id: 700})
+                    await store.heartbeat(gw)
+                if i % 3 == 0:
+                    await store.credit_account(accts[i % 4].name, 12_345)
+                    await store.credit_account(accts[(i + 2) % 4].name, -7)
+
+        await asyncio.gather(
+            *(replica(r1, "gw1", False) for _ in range(4)),
+            *(replica(r2, "gw2", True) for _ in range(4)),
+        )
+        result = await invariant_holds(pg_url)
+        rows = await r1.usage()
+        assert len(rows) == 12 * 40  # every request once, though written eight times
+        assert sum(costs for (_, _, costs) in result.values()) == sum(r.cost for r in rows)
+        for a in accts:
+            got = await r2.get_account(a.name)
+            assert got.balance == result[a.id][0] and 0 <= got.reserved <= got.balance
+    finally:
+        await r1.close()
+        await r2.close()
+
+
+async def test_opposite_order_batches_never_deadlock(pg_url: str) -> None:
+    """Eight writers on two replicas, 40-row batches of the same ids in opposite orders."""
+    r1, r2 = PostgresStore(pg_url), PostgresStore(pg_url)
+    try:
+        a, b = await r1.create_account("a", 10**12), await r1.create_account("b", 10**12)
+        key, _ = await r1.create_key("a")
+
+        async def writer(n: int) -> None:
+            store = (r1, r2)[n % 2]
+            for i in range(10):
+                batch = [row(f"q{i}-{j}", (a, b)[j % 2].id, key.id, 5 + j) for j in range(40)]
+                await store.write_ledger(batch[::-1] if n % 2 else batch, f"gw{n}")
+
+        await asyncio.gather(*(writer(n) for n in range(8)))
+        result = await invariant_holds(pg_url)
+        assert sum(costs for (_, _, costs) in result.values()) == 10 * sum(range(5, 45))
+    finally:
+        await r1.close()
+        await r2.close()
+
+
+async def test_concurrent_heartbeats_reap_a_dead_gateway_once(pg_url: str) -> None:
+    store = PostgresStore(pg_url)
+    try:
+        a = await store.create_account("a", 1_000)
+        for gw in ("dead1", "dead2", "dead3"):
+            await store.lease(gw, a.id, 100)
+        old = _now() - 31_000_000
+        await query(pg_url, f"UPDATE gateways SET seen_at = {old}")
+        await asyncio.gather(*(store.heartbeat(f"live{i}") for i in range(8)))
+        assert await query(pg_url, "SELECT COUNT(*) FROM leases") == [(0,)]
+        assert await query(pg_url, "SELECT COUNT(*) FROM gateways") == [(8,)]
+        assert await store.lease("live0", a.id, 5_000) == (1_000, 0)
+    finally:
+        await store.close()
+
+
+def test_cli_against_postgres(pg_url: str, tmp_path: Path) -> None:
+    """The operator CLI, as a subprocess, on a PostgreSQL database from its config file."""
+    config = tmp_path / "b.toml"
+    config.write_text(f'[database]\nurl = "{pg_url}"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+
+    def bastion(*args: str) -> Any:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bastion", *args, "--json", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    created = bastion("accounts", "create", "x", "--credit", "5")
+    assert created["name"] == "x" and created["id"].startswith("acct_")
+    assert created["balance"] == "5.00"
+    shown = bastion("accounts", "show", "x")
+    assert (shown["id"], shown["balance"], shown["spent"]) == (created["id"], "5.00", "0.00")
+    key = bastion("keys", "create", "--account", "x")
+    assert key["account"] == "x"
+    assert [k["id"] for k in bastion("keys", "list")] == [key["id"]]

@@ -106,5 +106,7 @@ def open_store(url: str) -> Store:
 
         return SQLiteStore(url)
     if url.startswith(("postgresql:", "postgres:")):
-        raise StoreError("PostgreSQL support is not built yet (see issue: scale-out)")
+        from bastion.store.postgres import PostgresStore
+
+        return PostgresStore(url)
     raise StoreError(f"unsupported database url {url!r}: use sqlite:///… or postgresql://…")

@@ -3,7 +3,7 @@
 Migrations are the numbered ``NNNN_name.sql`` files next to this module, applied in
 order and recorded in ``schema_migrations(version, applied_at)``. The files are plain
 portable SQL; this module only finds and splits them, and runs them on SQLite. A
-PostgreSQL backend reuses ``load_migrations`` with its own locking (an advisory lock).
+PostgreSQL backend runs the same files under an advisory lock (``migrate_postgres``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,10 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from importlib import resources
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import asyncpg
 
 _FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
@@ -94,4 +98,34 @@ def migrate_sqlite(conn: sqlite3.Connection) -> list[int]:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return applied
+
+
+MIGRATION_LOCK_ID = 0x62617374696F6E  # "bastion" in ASCII: the advisory lock key for migrations
+
+
+async def migrate_postgres(conn: asyncpg.Connection) -> list[int]:
+    """Apply pending migrations in one transaction; returns the versions applied.
+
+    ``pg_advisory_xact_lock`` is taken before reading what is applied, so several
+    processes migrating at once serialise (the lock is released at commit or
+    rollback) and the later ones find nothing left to do. PostgreSQL DDL is
+    transactional, so a failed migration leaves nothing half-applied.
+    """
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
+        await conn.execute(SCHEMA_MIGRATIONS)
+        done = {row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+        for migration in load_migrations():
+            if migration.version in done:
+                continue
+            for statement in migration.statements:
+                await conn.execute(statement)
+            await conn.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                migration.version,
+                time.time_ns() // 1000,
+            )
+            applied.append(migration.version)
     return applied

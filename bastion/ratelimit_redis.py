@@ -1,0 +1,242 @@
+"""The shared rate limiter: GCRA in Redis, exact across any number of gateway replicas.
+
+Each decision is one Lua script run atomically on the Redis server, with the server's
+own clock (``TIME``), so replicas never race each other and their clocks never matter.
+TATs are integer microseconds: no float drift however long a key lives. When Redis is
+unreachable, every replica falls back to an in-process ``MemoryLimiter`` enforcing
+1/replicas of each limit, so the fleet as a whole stays near the configured limit and
+the gateway keeps serving (docs/ratelimit.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
+from redis.exceptions import RedisError
+
+from bastion.ratelimit import PERIOD_S, Decision, MemoryLimiter, headers_for
+
+log = logging.getLogger("bastion.ratelimit")
+
+# KEYS: request TAT, token TAT. ARGV: period_us, rpm, tpm, tokens.
+# A TAT is absolute microseconds on this server's clock; an absent key means "now".
+# Both dimensions are checked first; the new TATs are stored only if both pass.
+# Reply: {allowed, reason (1 requests, 2 tokens), req TAT - now, tok TAT - now, retry_us}.
+ADMIT_LUA = """
+local period = tonumber(ARGV[1])
+local limits = {tonumber(ARGV[2]), tonumber(ARGV[3])}
+local weights = {1, tonumber(ARGV[4])}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = {now, now}
+local new = {now, now}
+local allowed, reason, retry = 1, 0, 0
+for i = 1, 2 do
+  if limits[i] > 0 then
+    local stored = tonumber(redis.call('GET', KEYS[i]) or now)
+    if stored > now then tat[i] = stored end
+    new[i] = tat[i] + math.floor(weights[i] * period / limits[i])
+    local over = new[i] - now - period
+    if over > 0 then
+      allowed = 0
+      if reason == 0 then reason = i end
+      if over > retry then retry = over end
+    end
+  end
+end
+if allowed == 1 then
+  for i = 1, 2 do
+    if limits[i] > 0 and new[i] > now then
+      redis.call('SET', KEYS[i], string.format('%d', new[i]),
+                 'PX', math.ceil((new[i] - now) / 1000))
+    end
+    tat[i] = new[i]
+  end
+end
+return {allowed, reason, tat[1] - now, tat[2] - now, retry}
+"""
+
+# KEYS: token TAT. ARGV: period_us, tpm, tokens (negative charges extra).
+# A TAT at or below now means a full budget, so the key is deleted rather than lowered
+# further: a refund can never leave more than the limit available.
+REFUND_LUA = """
+local stored = redis.call('GET', KEYS[1])
+if not stored then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local new = tonumber(stored)
+  - math.floor(tonumber(ARGV[3]) * tonumber(ARGV[1]) / tonumber(ARGV[2]))
+if new <= now then
+  redis.call('DEL', KEYS[1])
+  return 0
+end
+redis.call('SET', KEYS[1], string.format('%d', new), 'PX', math.ceil((new - now) / 1000))
+return new - now
+"""
+
+_FAILURES = (RedisError, OSError)  # OSError covers TimeoutError from asyncio.timeout
+
+
+def share(limit: int, replicas: int) -> int:
+    """One replica's part of a limit during an outage; never 0, which would mean unlimited."""
+    return max(1, limit // replicas) if limit else 0
+
+
+class RedisLimiter:
+    """GCRA in Redis, with a per-replica in-memory fallback while Redis is down.
+
+    ``fallbacks`` (decisions answered by the fallback), ``outages`` (times Redis was
+    lost), ``refund_failures`` and ``degraded`` are for the operator's metrics.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        replicas: int = 1,
+        *,
+        period_s: float = PERIOD_S,
+        prefix: str = "bastion:rl:",
+        timeout_s: float = 0.25,
+        retry_s: float = 1.0,
+        max_connections: int = 64,
+    ) -> None:
+        if replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        # No client-side retries: the fallback is the retry, and an outage must cost
+        # the hot path at most one timeout per retry_s, not ten reconnect attempts.
+        # A bounded pool: a burst queues for a connection instead of opening hundreds
+        # (each replica's share of Redis' maxclients stays fixed).
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+            # resolved once: by default each new connection reads package metadata
+            # (~2 ms with the event loop blocked; a burst of connects stalled admits)
+            driver_info=DriverInfo(),
+        )
+        self._redis: Redis = Redis.from_pool(pool)
+        self._admit_script = self._redis.register_script(ADMIT_LUA)
+        self._refund_script = self._redis.register_script(REFUND_LUA)
+        self._replicas = replicas
+        self._period = period_s
+        self._period_us = round(period_s * 1_000_000)
+        self._prefix = prefix
+        self._timeout = timeout_s
+        self._retry_s = retry_s
+        self._fallback: MemoryLimiter | None = None
+        self._retry_at = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.fallbacks = 0
+        self.outages = 0
+        self.refund_failures = 0
+
+    @property
+    def degraded(self) -> bool:
+        """True while decisions come from the per-replica fallback."""
+        return self._fallback is not None
+
+    def keys(self, key_id: str) -> tuple[str, str]:
+        """Request and token TAT keys; the hash tag keeps both on one cluster slot."""
+        base = f"{self._prefix}{{{key_id}}}"
+        return f"{base}:req", f"{base}:tok"
+
+    async def admit(self, key_id: str, rpm: int, tpm: int, tokens: int) -> Decision:
+        fallback = self._fallback
+        if fallback is not None:
+            now = time.monotonic()
+            if now < self._retry_at:
+                return await self._admit_locally(fallback, key_id, rpm, tpm, tokens)
+            self._retry_at = now + self._retry_s  # this request probes; others stay local
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await self._admit_script(
+                    keys=self.keys(key_id), args=[self._period_us, rpm, tpm, tokens]
+                )
+        except _FAILURES as exc:
+            return await self._admit_locally(self._lost(exc), key_id, rpm, tpm, tokens)
+        if self._fallback is not None:
+            self._recovered()
+        return self._decision(reply, rpm, tpm)
+
+    def refund(self, key_id: str, tpm: int, tokens: int) -> None:
+        """Fire-and-forget: settlement must never wait on Redis."""
+        if not (tpm and tokens):
+            return
+        if self._fallback is not None:
+            self._fallback.refund(key_id, share(tpm, self._replicas), tokens)
+            return
+        task = asyncio.get_running_loop().create_task(self._refund(key_id, tpm, tokens))
+        self._tasks.add(task)  # the loop keeps only a weak reference to tasks
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for refunds in flight (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self.drain()
+        await self._redis.aclose()
+
+    async def _refund(self, key_id: str, tpm: int, tokens: int) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._refund_script(
+                    keys=[self.keys(key_id)[1]], args=[self._period_us, tpm, tokens]
+                )
+        except _FAILURES as exc:
+            self.refund_failures += 1
+            log.debug("rate limiter: refund for key %s lost: %s", key_id, _describe(exc))
+
+    def _decision(self, reply: Any, rpm: int, tpm: int) -> Decision:
+        allowed, reason, req_rel, tok_rel, retry_us = (int(x) for x in reply)
+        decision = Decision(allowed == 1)
+        if not decision.allowed:
+            decision.reason = "requests" if reason == 1 else "tokens"
+            decision.retry_after_s = retry_us / 1_000_000
+        # TATs come back relative to the server's now, so "now" here is 0
+        headers_for("requests", rpm, req_rel / 1_000_000, 0.0, decision.headers, self._period)
+        headers_for("tokens", tpm, tok_rel / 1_000_000, 0.0, decision.headers, self._period)
+        return decision
+
+    async def _admit_locally(
+        self, fallback: MemoryLimiter, key_id: str, rpm: int, tpm: int, tokens: int
+    ) -> Decision:
+        self.fallbacks += 1
+        rpm_local = share(rpm, self._replicas)
+        tpm_local = share(tpm, self._replicas)
+        # a request bigger than this replica's share may still pass, on a full budget
+        weight = min(tokens, tpm_local) if tpm_local else tokens
+        return await fallback.admit(key_id, rpm_local, tpm_local, weight)
+
+    def _lost(self, exc: BaseException) -> MemoryLimiter:
+        self._retry_at = time.monotonic() + self._retry_s
+        if self._fallback is None:
+            self._fallback = MemoryLimiter(period_s=self._period)
+            self.outages += 1
+            log.warning(
+                "rate limiter: Redis unreachable (%s); enforcing 1/%d of each limit "
+                "in this process, retrying Redis every %gs",
+                _describe(exc),
+                self._replicas,
+                self._retry_s,
+            )
+        return self._fallback
+
+    def _recovered(self) -> None:
+        self._fallback = None
+        log.warning("rate limiter: Redis is back; shared limits restored")
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,466 @@
+"""The admin API against the real gateway process from conftest (token: test-admin-token).
+
+Everything goes through HTTP as an operator's tooling would send it; a key made
+here is used with the official openai SDK, and changes are awaited for at most the
+5 s that SPEC §2 promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import openai
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from conftest import Gateway, free_port, start, stop
+
+from bastion.admin import add_admin_routes
+
+TOKEN = "test-admin-token"
+PROPAGATION_S = 5.0
+MODEL = "gpt-oss-120b"
+
+
+@pytest.fixture(scope="module")
+def admin(gateway: Gateway) -> Iterator[httpx.Client]:
+    with httpx.Client(
+        base_url=f"{gateway.root}/admin/v1",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=10,
+    ) as client:
+        yield client
+
+
+def new_name() -> str:
+    return "adm-" + uuid.uuid4().hex[:10]
+
+
+def ok(response: httpx.Response, status: int = 200) -> Any:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["x-request-id"].startswith("req_")
+    return response.json()
+
+
+def refused(response: httpx.Response, status: int, code: str, param: str | None = None) -> str:
+    """Require the OpenAI error object with this status/code/param; return its message."""
+    assert response.status_code == status, response.text
+    assert response.headers["x-request-id"].startswith("req_")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code, error
+    assert error["param"] == param, error
+    assert error["message"]
+    return str(error["message"])
+
+
+def within(seconds: float, check: Callable[[], bool]) -> float:
+    """Poll ``check`` until true; fail after ``seconds``. Returns the time it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        if check():
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {seconds}s")
+
+
+def sdk(gateway: Gateway, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.url, api_key=key, max_retries=0, timeout=10)
+
+
+def chat(client: openai.OpenAI) -> str:
+    """One small billed request; returns its x-request-id (the ledger row's key)."""
+    completion = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_completion_tokens=16
+    )
+    assert completion.choices[0].message.content
+    request_id = completion._request_id
+    assert request_id
+    return request_id
+
+
+def cli_json(gateway: Gateway, *args: str) -> Any:
+    """The CLI's --json answer against the same database, for shape comparisons."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bastion", *args, "--json", "--config", str(gateway.config_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+# ---- the full round trip ---------------------------------------------------------------
+
+
+def test_round_trip_with_the_sdk(gateway: Gateway, admin: httpx.Client) -> None:
+    name = new_name()
+    created = ok(admin.post("/accounts", json={"name": name, "credit": "1.00"}), 201)
+    assert created == {"id": created["id"], "name": name, "balance": "1.00"}
+    assert created["id"].startswith("acct_")
+
+    made = ok(admin.post("/keys", json={"account": name, "name": "ci"}), 201)
+    assert set(made) == {"id", "key", "account", "name", "rpm", "tpm"}
+    assert made["key"].startswith("qbt_") and made["account"] == name and made["name"] == "ci"
+    assert (made["rpm"], made["tpm"]) == (100000, 100000000)  # the config defaults
+    client = sdk(gateway, made["key"])
+
+    served: list[str] = []
+
+    def works() -> bool:
+        try:
+            served.append(chat(client))
+        except openai.AuthenticationError:
+            return False
+        return True
+
+    within(PROPAGATION_S, works)
+
+    # top-up and take-back: balance = grants − Σ ledger costs, to the nano-dollar
+    ok(admin.post(f"/accounts/{name}/credit", json={"amount": "2.50"}))
+    after = ok(admin.post(f"/accounts/{name}/credit", json={"amount": "-0.50"}))
+    assert set(after) == {"id", "name", "balance", "reserved", "spent"}
+
+    # limit change: rpm 1 lets one request through per window, then 429
+    patched = ok(admin.patch(f"/keys/{made['id']}", json={"rpm": 1}))
+    assert (patched["rpm"], patched["rpm_default"], patched["tpm_default"]) == (1, False, True)
+
+    def limited() -> bool:
+        try:
+            served.append(chat(client))
+        except openai.RateLimitError:
+            return True
+        return False
+
+    within(PROPAGATION_S, limited)
+    patched = ok(admin.patch(f"/keys/{made['id']}", json={"rpm": 0}))
+    assert patched["rpm"] == 0  # 0 = unlimited
+
+    def unlimited() -> bool:
+        try:
+            served.append(chat(client))
+        except openai.RateLimitError:
+            return False
+        return True
+
+    within(PROPAGATION_S, unlimited)
+
+    # usage lists exactly the served requests, and the money adds up
+    def settled() -> bool:
+        rows = ok(admin.get("/usage", params={"account": name}))
+        return len(rows) == len(served)
+
+    within(PROPAGATION_S, settled)
+    rows = ok(admin.get("/usage", params={"account": name}))
+    assert {r["request_id"] for r in rows} == set(served)
+    assert all(r["account"] == name and r["key_id"] == made["id"] for r in rows)
+    assert all(r["model"] == MODEL and r["endpoint"] == "chat" for r in rows)
+    assert all(r["status"] == "200" and r["estimated"] is False for r in rows)
+    spent = sum(Decimal(r["cost"]) for r in rows)
+    assert spent > 0
+    account = ok(admin.get(f"/accounts/{name}"))
+    assert Decimal(account["spent"]) == spent
+    assert Decimal(account["balance"]) == Decimal("3.00") - spent
+
+    # revoke: the SDK is refused within 5 s
+    revoked = ok(admin.post(f"/keys/{made['id']}/revoke"))
+    assert revoked["revoked"] is True
+
+    def refused_now() -> bool:
+        try:
+            chat(client)
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    within(PROPAGATION_S, refused_now)
+    listed = ok(admin.get("/keys", params={"account": name}))
+    assert [(k["id"], k["revoked"]) for k in listed] == [(made["id"], True)]
+    assert "key" not in listed[0] and made["key"].startswith(listed[0]["prefix"])
+
+
+def test_shapes_are_the_clis(gateway: Gateway, admin: httpx.Client) -> None:
+    """Same operations, same JSON: the admin API and ``--json`` share one set of views."""
+    key, name = gateway.new_key(credit="5.00")
+    chat(sdk(gateway, key))
+    gateway.settled(name, 1)
+    assert ok(admin.get(f"/accounts/{name}")) == cli_json(gateway, "accounts", "show", name)
+    assert ok(admin.get("/keys", params={"account": name})) == cli_json(
+        gateway, "keys", "list", "--account", name
+    )
+    assert ok(admin.get("/usage", params={"account": name})) == cli_json(
+        gateway, "usage", "--account", name
+    )
+    everyone = ok(admin.get("/accounts"))
+    assert any(a["name"] == name for a in everyone)
+    assert [a["name"] for a in everyone] == sorted(a["name"] for a in everyone)
+
+
+def test_delete_is_revoke_and_idempotent(gateway: Gateway, admin: httpx.Client) -> None:
+    key, name = gateway.new_key()
+    key_id = ok(admin.get("/keys", params={"account": name}))[0]["id"]
+    first = ok(admin.delete(f"/keys/{key_id}"))
+    again = ok(admin.post(f"/keys/{key_id}/revoke"))
+    assert first == again and first["revoked"] is True
+    gateway.wait_for_key(key, present=False, timeout=PROPAGATION_S)
+
+
+def test_key_limits_at_creation(admin: httpx.Client) -> None:
+    name = new_name()
+    ok(admin.post("/accounts", json={"name": name}), 201)
+    made = ok(admin.post("/keys", json={"account": name, "rpm": 0, "tpm": 5000}), 201)
+    assert (made["rpm"], made["tpm"], made["name"]) == (0, 5000, "")
+    both_default = ok(admin.post("/keys", json={"account": name, "rpm": None}), 201)
+    assert both_default["rpm"] == 100000
+    listed = {k["id"]: k for k in ok(admin.get("/keys", params={"account": name}))}
+    assert listed[made["id"]]["rpm_default"] is False
+    assert listed[both_default["id"]]["rpm_default"] is True
+    assert set(listed) <= {k["id"] for k in ok(admin.get("/keys"))}
+
+
+def test_names_are_path_segments(admin: httpx.Client) -> None:
+    """Any account name is reachable: percent-encode it (a '/' too) in the path."""
+    name = f"café {uuid.uuid4().hex[:6]}/west"
+    ok(admin.post("/accounts", json={"name": name, "credit": "0.000000001"}), 201)
+    path = "/accounts/" + quote(name, safe="")
+    assert ok(admin.get(path))["balance"] == "0.000000001"
+    assert ok(admin.post(path + "/credit", json={"amount": "1"}))["balance"] == "1.000000001"
+
+
+def test_usage_since(gateway: Gateway, admin: httpx.Client) -> None:
+    key, name = gateway.new_key()
+    request_id = chat(sdk(gateway, key))
+    gateway.settled(name, 1)
+    rows = ok(admin.get("/usage", params={"account": name, "since": "2000-01-01"}))
+    assert [r["request_id"] for r in rows] == [request_id]
+    assert ok(admin.get("/usage", params={"account": name, "since": "2999-01-01T00:00:00Z"})) == []
+    # an offset's '+' typed into a URL unencoded arrives as a space: still understood
+    raw = f"/usage?account={quote(name)}&since=2000-01-01T12:00:00+01:00"
+    assert [r["request_id"] for r in ok(admin.get(raw))] == [request_id]
+    everything = ok(admin.get("/usage"))
+    assert request_id in {r["request_id"] for r in everything}
+
+
+# ---- auth --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong-token"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Bearer tést".encode()},  # non-ASCII must not crash compare_digest
+        {"Authorization": TOKEN},
+    ],
+)
+def test_auth_is_required(gateway: Gateway, headers: dict[str, str | bytes]) -> None:
+    name = new_name()
+    url = f"{gateway.root}/admin/v1"
+    refused(httpx.get(f"{url}/accounts", headers=headers), 401, "invalid_api_key")
+    response = httpx.post(f"{url}/accounts", json={"name": name}, headers=headers)
+    refused(response, 401, "invalid_api_key")
+    assert response.headers["www-authenticate"].startswith("Bearer")
+    with pytest.raises(Exception, match="no account named"):
+        gateway.account(name)
+
+
+def test_client_key_is_not_an_admin_token(gateway: Gateway) -> None:
+    key, _ = gateway.new_key()
+    response = httpx.get(
+        f"{gateway.root}/admin/v1/accounts", headers={"Authorization": f"Bearer {key}"}
+    )
+    refused(response, 401, "invalid_api_key")
+
+
+def test_unknown_admin_path_is_404(admin: httpx.Client) -> None:
+    refused(admin.get("/nope"), 404, "not_found")
+    refused(admin.put("/accounts"), 404, "not_found")
+
+
+# ---- bad inputs: 4xx, and nothing changed ----------------------------------------------
+
+
+@pytest.fixture
+def account(admin: httpx.Client) -> str:
+    name = new_name()
+    ok(admin.post("/accounts", json={"name": name, "credit": "1.00"}), 201)
+    return name
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        ({"amount": 0.5}, 400, "invalid_request", "amount"),  # float
+        ({"amount": 1}, 400, "invalid_request", "amount"),  # a JSON number at all
+        ({"amount": "0.1234567891"}, 400, "invalid_request", "amount"),  # below a nano-dollar
+        ({"amount": "ten"}, 400, "invalid_request", "amount"),
+        ({"amount": "nan"}, 400, "invalid_request", "amount"),
+        ({"amount": "0"}, 400, "invalid_request", "amount"),
+        ({}, 400, "invalid_request", "amount"),
+        ({"amount": "1", "note": "x"}, 400, "invalid_request", "note"),
+        ({"amount": "-1.01"}, 409, "insufficient_balance", "amount"),  # overdraft
+    ],
+)
+def test_bad_credit(
+    admin: httpx.Client, account: str, body: dict[str, Any], status: int, code: str, param: str
+) -> None:
+    refused(admin.post(f"/accounts/{account}/credit", json=body), status, code, param)
+    assert ok(admin.get(f"/accounts/{account}"))["balance"] == "1.00"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"{not json", b"[1, 2]", b'"amount"', b"\xff\xfe"],
+)
+def test_body_must_be_a_json_object(admin: httpx.Client, account: str, content: bytes) -> None:
+    response = admin.post(
+        f"/accounts/{account}/credit",
+        content=content,
+        headers={"content-type": "application/json"},
+    )
+    refused(response, 400, "invalid_request")
+    assert ok(admin.get(f"/accounts/{account}"))["balance"] == "1.00"
+
+
+def test_bad_account_creation(admin: httpx.Client, account: str) -> None:
+    name = new_name()
+    for body, param in [
+        ({"name": name, "credit": 1.5}, "credit"),
+        ({"name": name, "credit": "-1"}, "credit"),
+        ({"name": name, "credits": "5"}, "credits"),
+        ({"credit": "5"}, "name"),
+        ({"name": 42}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": f" {name}"}, "name"),
+    ]:
+        refused(admin.post("/accounts", json=body), 400, "invalid_request", param)
+    refused(admin.get(f"/accounts/{name}"), 404, "not_found")
+    assert name not in {a["name"] for a in ok(admin.get("/accounts"))}
+    # a duplicate name is a conflict, and the first account is untouched
+    refused(admin.post("/accounts", json={"name": account, "credit": "9"}), 409, "conflict", "name")
+    assert ok(admin.get(f"/accounts/{account}"))["balance"] == "1.00"
+
+
+def test_unknown_account(admin: httpx.Client) -> None:
+    ghost = new_name()
+    refused(admin.get(f"/accounts/{ghost}"), 404, "not_found")
+    refused(admin.post(f"/accounts/{ghost}/credit", json={"amount": "1"}), 404, "not_found")
+    refused(admin.post("/keys", json={"account": ghost}), 404, "not_found", "account")
+    refused(admin.get("/keys", params={"account": ghost}), 404, "not_found", "account")
+    refused(admin.get("/usage", params={"account": ghost}), 404, "not_found", "account")
+    refused(admin.get(f"/accounts/{ghost}"), 404, "not_found")  # still nothing
+
+
+def test_bad_key_requests(admin: httpx.Client, account: str) -> None:
+    for body, param in [
+        ({"account": account, "rpm": -1}, "rpm"),
+        ({"account": account, "rpm": "5"}, "rpm"),
+        ({"account": account, "tpm": 1.5}, "tpm"),
+        ({"account": account, "tpm": True}, "tpm"),
+        ({"account": account, "name": 7}, "name"),
+        ({"account": account, "key": "qbt_mine"}, "key"),
+        ({"name": "no account"}, "account"),
+    ]:
+        refused(admin.post("/keys", json=body), 400, "invalid_request", param)
+    assert ok(admin.get("/keys", params={"account": account})) == []
+
+    made = ok(admin.post("/keys", json={"account": account, "rpm": 7}), 201)
+    path = f"/keys/{made['id']}"
+    refused(admin.patch(path, json={}), 400, "invalid_request")
+    refused(admin.patch(path, json={"rpm": None}), 400, "invalid_request", "rpm")
+    refused(admin.patch(path, json={"rpm": -3}), 400, "invalid_request", "rpm")
+    refused(admin.patch(path, json={"account": "x"}), 400, "invalid_request", "account")
+    [key] = ok(admin.get("/keys", params={"account": account}))
+    assert (key["rpm"], key["revoked"]) == (7, False)
+
+    refused(admin.patch("/keys/key_nope", json={"rpm": 1}), 404, "not_found")
+    refused(admin.post("/keys/key_nope/revoke"), 404, "not_found")
+    refused(admin.delete("/keys/key_nope"), 404, "not_found")
+
+
+def test_bad_usage_queries(admin: httpx.Client) -> None:
+    refused(admin.get("/usage", params={"since": "yesterday"}), 400, "invalid_request", "since")
+    refused(admin.get("/usage", params={"acount": "x"}), 400, "invalid_request", "acount")
+    refused(admin.get("/keys", params={"acount": "x"}), 400, "invalid_request", "acount")
+
+
+# ---- a failing store -------------------------------------------------------------------
+
+
+class _BrokenStore:
+    async def list_accounts(self) -> list[Any]:
+        raise OSError("disk on fire")
+
+
+async def test_store_failure_is_an_error_object() -> None:
+    """An unexpected store failure is a 500 in the OpenAI shape, never aiohttp's text page."""
+    gateway = SimpleNamespace(store=_BrokenStore(), config=SimpleNamespace(admin_token=TOKEN))
+    app = web.Application()
+    add_admin_routes(app, gateway)  # type: ignore[arg-type]
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get(
+            "/admin/v1/accounts", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert response.status == 500
+        error = (await response.json())["error"]
+        assert error["code"] == "internal_error" and error["type"] == "server_error"
+        assert response.headers["x-request-id"] in error["message"]
+        assert "disk on fire" not in error["message"]
+
+
+# ---- off without a token -----------------------------------------------------------------
+
+
+def test_no_admin_token_means_404(tmp_path: Path, sim_port: int) -> None:
+    port = free_port()
+    config = tmp_path / "bastion.toml"
+    config.write_text(
+        f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+
+[database]
+url = "sqlite:///{tmp_path / "bastion.db"}"
+
+[[upstreams]]
+name = "sim"
+url = "http://127.0.0.1:{sim_port}/v1"
+
+[[models]]
+id = "{MODEL}"
+upstreams = ["sim"]
+input_price = "0.10"
+output_price = "0.50"
+max_output_tokens = 1024
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    proc = start(["serve", "--config", str(config)], f"http://127.0.0.1:{port}/healthz", env=env)
+    try:
+        root = f"http://127.0.0.1:{port}/admin/v1"
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        refused(httpx.get(f"{root}/accounts"), 404, "not_found")
+        refused(httpx.get(f"{root}/accounts", headers=auth), 404, "not_found")
+        refused(httpx.post(f"{root}/accounts", json={"name": "x"}, headers=auth), 404, "not_found")
+        refused(httpx.get(f"{root}/usage", headers=auth), 404, "not_found")
+    finally:
+        stop(proc)
