@@ -25,7 +25,7 @@ from aiohttp import web
 from bastion.app import Gateway, _error, _json
 from bastion.errors import APIError, invalid
 from bastion.money import MoneyError, parse_usd
-from bastion.store import StoreError
+from bastion.store import Conflict, NotFound, StoreError
 from bastion.views import (
     account_json,
     key_json,
@@ -279,16 +279,11 @@ def _limit(body: dict[str, Any], field: str, *, nullable: bool) -> int | None:
 
 
 def _store_error(exc: StoreError, param: str | None = None) -> APIError:
-    """Map the store's refusals to HTTP: unknown → 404, clashes with current state → 409.
-
-    The store raises one exception type whose message is for humans, so the class is
-    read from the message's wording; anything unrecognised is a 400.
-    """
+    """Map the store's refusals to HTTP: unknown → 404, clashes with current state → 409."""
     message = str(exc)
-    if message.startswith(("no account named", "no key with id")):
+    if isinstance(exc, NotFound):
         return APIError(404, "not_found", message, param if param == "account" else None)
-    if "already exists" in message:
-        return APIError(409, "conflict", message, param)
-    if message.startswith("cannot take back"):
-        return APIError(409, "insufficient_balance", message, param)
+    if isinstance(exc, Conflict):
+        code = "insufficient_balance" if message.startswith("cannot take back") else "conflict"
+        return APIError(409, code, message, param)
     return APIError(400, "invalid_request", message, param)

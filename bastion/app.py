@@ -44,7 +44,7 @@ class Gateway:
         self.book = CreditBook(self.store, "gw_" + secrets.token_hex(6))
         self.writer = LedgerWriter(self.store, self.book, self._load, config.refresh_interval_s)
         self.relay = Relay(config.upstreams, config.health_check_interval_s)
-        self.metrics = Metrics(self.relay.pool)
+        self.metrics = Metrics(self.relay.pool, self.limiter)
         self.created = int(time.time())
         self._ready: tuple[float, bool] = (0.0, False)
 

@@ -40,12 +40,37 @@ class UpstreamCollector(Collector):
         yield from (attempts, errors, outstanding, available)
 
 
+class LimiterCollector(Collector):
+    """The Redis limiter's health (absent counters read as 0 for the in-process one)."""
+
+    def __init__(self, limiter: object) -> None:
+        self.limiter = limiter
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        get = self.limiter.__dict__.get
+        yield GaugeMetricFamily(
+            "bastion_ratelimit_degraded",
+            "1 while Redis is unreachable and limits are enforced per process",
+            value=1 if getattr(self.limiter, "degraded", False) else 0,
+        )
+        yield CounterMetricFamily(
+            "bastion_ratelimit_fallbacks",
+            "Decisions answered without Redis",
+            value=get("fallbacks", 0),
+        )
+        yield CounterMetricFamily(
+            "bastion_ratelimit_outages", "Times Redis was lost", value=get("outages", 0)
+        )
+
+
 class Metrics:
-    def __init__(self, pool: UpstreamPool | None = None) -> None:
+    def __init__(self, pool: UpstreamPool | None = None, limiter: object = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         if pool is not None:
             r.register(UpstreamCollector(pool))
+        if limiter is not None:
+            r.register(LimiterCollector(limiter))
         self.requests = Counter(
             "bastion_requests",
             "Client requests by endpoint and status",

@@ -17,6 +17,14 @@ class StoreError(ValueError):
     """A refused operation (unknown account, duplicate name, overdraft); message is for humans."""
 
 
+class NotFound(StoreError):
+    """No account or key by that name or id."""
+
+
+class Conflict(StoreError):
+    """The operation clashes with the current state (a duplicate name, leased credit)."""
+
+
 @dataclass(frozen=True)
 class Account:
     id: str  # "acct_…"

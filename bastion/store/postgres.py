@@ -30,7 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 from bastion.auth import generate_key, hash_key
 from bastion.money import format_usd
-from bastion.store import LEASE_TTL_US, Account, ApiKey, LedgerRow, Snapshot, StoreError
+from bastion.store import (
+    LEASE_TTL_US,
+    Account,
+    ApiKey,
+    Conflict,
+    LedgerRow,
+    NotFound,
+    Snapshot,
+    StoreError,
+)
 from bastion.store.migrate import migrate_postgres
 from bastion.store.sqlite import _api_key, _check_limits, _ledger_row, new_id, now_us
 
@@ -178,7 +187,7 @@ class PostgresStore:
                 now,
             )
             if created is None:
-                raise StoreError(f"an account named {name!r} already exists")
+                raise Conflict(f"an account named {name!r} already exists")
             if credit > 0:
                 await conn.execute(
                     "INSERT INTO credits (id, account_id, amount, created_at)"
@@ -200,7 +209,7 @@ class PostgresStore:
             account = await _account(conn, name)
             if account.balance - account.reserved + amount < 0:
                 held = f" ({format_usd(account.reserved)} USD held by running gateways)"
-                raise StoreError(
+                raise Conflict(
                     f"cannot take back {format_usd(-amount)} USD from {name!r}: "
                     f"its balance is {format_usd(account.balance)} USD"
                     + (held if account.reserved else "")
@@ -421,14 +430,14 @@ class PostgresStore:
 async def _account(conn: asyncpg.Connection, name: str) -> Account:
     row = await conn.fetchrow(_ACCOUNT_SELECT + "WHERE a.name = $2", now_us() - LEASE_TTL_US, name)
     if row is None:
-        raise StoreError(f"no account named {name!r}")
+        raise NotFound(f"no account named {name!r}")
     return Account(*row)
 
 
 async def _key(conn: asyncpg.Connection, key_id: str) -> ApiKey:
     row = await conn.fetchrow(_KEY_SELECT + "WHERE k.id = $1", key_id)
     if row is None:
-        raise StoreError(f"no key with id {key_id!r}")
+        raise NotFound(f"no key with id {key_id!r}")
     return _api_key(row)
 
 

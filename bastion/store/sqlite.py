@@ -22,7 +22,16 @@ from typing import Any, TypeVar
 
 from bastion.auth import generate_key, hash_key
 from bastion.money import format_usd
-from bastion.store import LEASE_TTL_US, Account, ApiKey, LedgerRow, Snapshot, StoreError
+from bastion.store import (
+    LEASE_TTL_US,
+    Account,
+    ApiKey,
+    Conflict,
+    LedgerRow,
+    NotFound,
+    Snapshot,
+    StoreError,
+)
 from bastion.store.migrate import migrate_sqlite
 
 T = TypeVar("T")
@@ -160,7 +169,7 @@ class SQLiteStore:
         account_id, now = new_id("acct_"), now_us()
         with self._write(conn):
             if conn.execute("SELECT 1 FROM accounts WHERE name = ?", (name,)).fetchone():
-                raise StoreError(f"an account named {name!r} already exists")
+                raise Conflict(f"an account named {name!r} already exists")
             conn.execute(
                 "INSERT INTO accounts (id, name, balance, spent, created_at)"
                 " VALUES (?, ?, ?, 0, ?)",
@@ -183,7 +192,7 @@ class SQLiteStore:
             account = self._account(conn, name)
             if account.balance - account.reserved + amount < 0:
                 held = f" ({format_usd(account.reserved)} USD held by running gateways)"
-                raise StoreError(
+                raise Conflict(
                     f"cannot take back {format_usd(-amount)} USD from {name!r}: "
                     f"its balance is {format_usd(account.balance)} USD"
                     + (held if account.reserved else "")
@@ -205,7 +214,7 @@ class SQLiteStore:
             _ACCOUNT_SELECT + "WHERE a.name = ?", (now_us() - LEASE_TTL_US, name)
         ).fetchone()
         if row is None:
-            raise StoreError(f"no account named {name!r}")
+            raise NotFound(f"no account named {name!r}")
         return Account(*row)
 
     async def list_accounts(self) -> list[Account]:
@@ -253,7 +262,7 @@ class SQLiteStore:
     def _key(self, conn: sqlite3.Connection, key_id: str) -> ApiKey:
         row = conn.execute(_KEY_SELECT + "WHERE k.id = ?", (key_id,)).fetchone()
         if row is None:
-            raise StoreError(f"no key with id {key_id!r}")
+            raise NotFound(f"no key with id {key_id!r}")
         return _api_key(row)
 
     async def update_key(
