@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
-import uuid
 
 import orjson
 from aiohttp import web
@@ -45,6 +45,7 @@ class Gateway:
         self.writer = LedgerWriter(self.store, self.book, self._load, config.refresh_interval_s)
         self.relay = Relay(config.upstreams, config.health_check_interval_s)
         self.metrics = Metrics(self.relay.pool, self.limiter)
+        self.metrics.ledger_queue = lambda: len(self.writer.queue)
         self.created = int(time.time())
         self._ready: tuple[float, bool] = (0.0, False)
 
@@ -66,14 +67,14 @@ class Gateway:
     # ---- the hot path -----------------------------------------------------------
     async def post(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         started = time.perf_counter()
-        request_id = "req_" + uuid.uuid4().hex
+        request_id = new_request_id()
         headers = {"x-request-id": request_id}
         key: ApiKey | None = None
         req: ClientRequest | None = None
         call: Call | None = None
         reservation: Reservation | None = None
         worst_tokens = 0
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1
         try:
             key = self.authenticate(request)
             req = parse(await self.read_body(request), endpoint)
@@ -90,10 +91,10 @@ class Gateway:
                 raise self.insufficient(key, worst_cost, bound, cap, endpoint)
             call = self.prepare(request_id, endpoint, req, model, cap, bound, headers)
             response = await self.relay.send(request, call)
-            self.metrics.overhead.labels(endpoint).observe(
+            self.metrics.overhead[endpoint].observe(
                 max(0.0, time.perf_counter() - started - call.upstream_s)
             )
-            self.metrics.ttft.labels(endpoint).observe(call.first_byte_at - started)
+            self.metrics.ttft[endpoint].observe(call.first_byte_at - started)
             return response
         except asyncio.CancelledError:  # the client went away
             if call is not None:
@@ -103,7 +104,7 @@ class Gateway:
             if call is not None:
                 call.status = str(exc.status)
             headers.update(exc.headers)
-            self.metrics.requests.labels(endpoint, str(exc.status)).inc()
+            self.metrics.requests[endpoint, str(exc.status)] += 1
             return web.Response(
                 body=exc.body(),
                 status=exc.status,
@@ -111,7 +112,7 @@ class Gateway:
                 content_type="application/json",
             )
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
             if reservation is not None and key is not None and req is not None:
                 self.settle(key, req, call, reservation, worst_tokens, endpoint)
 
@@ -307,12 +308,11 @@ class Gateway:
         )
         self.limiter.refund(key.id, tpm, worst_tokens - usage.input_tokens - usage.output_tokens)
         m = self.metrics
-        m.requests.labels(endpoint, call.status).inc()
-        m.tokens.labels(model.id, "input").inc(usage.input_tokens)
-        m.tokens.labels(model.id, "output").inc(usage.output_tokens)
-        m.cost.labels(model.id).inc(charged)
-        if usage.estimated:
-            m.estimated.inc()
+        m.requests[endpoint, call.status] += 1
+        m.tokens[model.id, "input"] += usage.input_tokens
+        m.tokens[model.id, "output"] += usage.output_tokens
+        m.cost[model.id] += charged
+        m.estimated += usage.estimated
 
     @staticmethod
     def estimate(call: Call) -> Usage:
@@ -327,7 +327,7 @@ class Gateway:
 
     # ---- the other endpoints ------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:
-        request_id = "req_" + uuid.uuid4().hex
+        request_id = new_request_id()
         try:
             self.authenticate(request)
         except APIError as exc:
@@ -346,7 +346,7 @@ class Gateway:
                 "Bastion is stateless: it stores no responses, so there is nothing to retrieve, "
                 'delete or list. Send "store": false and keep the output yourself.',
             ),
-            "req_" + uuid.uuid4().hex,
+            new_request_id(),
         )
 
     async def not_found(self, request: web.Request) -> web.Response:
@@ -356,11 +356,11 @@ class Gateway:
                 "not_found",
                 f"Unknown path: {request.method} {request.path}",
             ),
-            "req_" + uuid.uuid4().hex,
+            new_request_id(),
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok"}, "req_" + uuid.uuid4().hex)
+        return _json({"status": "ok"}, new_request_id())
 
     async def readyz(self, request: web.Request) -> web.Response:
         checked, ok = self._ready
@@ -368,7 +368,7 @@ class Gateway:
             ok = await self._check_ready()
             self._ready = (time.monotonic(), ok)
         body = {"status": "ready" if ok else "not ready"}
-        return _json(body, "req_" + uuid.uuid4().hex, 200 if ok else 503)
+        return _json(body, new_request_id(), 200 if ok else 503)
 
     async def _check_ready(self) -> bool:
         try:
@@ -386,7 +386,6 @@ class Gateway:
         return False
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        self.metrics.ledger_queue.set(len(self.writer.queue))
         return web.Response(
             body=self.metrics.render(),
             headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
@@ -394,6 +393,10 @@ class Gateway:
 
 
 _PROBE_TIMEOUT = None  # set in create_app (aiohttp.ClientTimeout needs a loop-free import)
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(16).hex()
 
 
 def _too_large(limit: int) -> APIError:

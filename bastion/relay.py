@@ -67,6 +67,11 @@ class Relay:
         self.upstreams = upstreams
         self.pool = UpstreamPool(upstreams, health_interval_s)
         self.session: aiohttp.ClientSession | None = None
+        self._base_headers = {
+            name: {"Content-Type": "application/json"}
+            | ({"Authorization": f"Bearer {u.api_key}"} if u.api_key else {})
+            for name, u in upstreams.items()
+        }
         self.timeouts = {
             name: aiohttp.ClientTimeout(
                 total=None, sock_connect=u.connect_timeout_s, sock_read=u.read_timeout_s
@@ -90,10 +95,8 @@ class Relay:
             await self.session.close()
 
     def _headers(self, call: Call) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "X-Request-Id": call.request_id}
         assert call.upstream is not None
-        if call.upstream.api_key:
-            headers["Authorization"] = f"Bearer {call.upstream.api_key}"
+        headers = {**self._base_headers[call.upstream.name], "X-Request-Id": call.request_id}
         if call.stream:
             headers["Accept"] = "text/event-stream"
         return headers
@@ -171,9 +174,8 @@ class Relay:
         if call.model.renamed:
             data = rename(data, call.model)
         call.status = "200"
-        return web.Response(
-            body=data, status=200, headers=call.headers, content_type="application/json"
-        )
+        call.headers["Content-Type"] = "application/json"
+        return web.Response(body=data, status=200, headers=call.headers)
 
     async def _stream(
         self, request: web.Request, upstream: aiohttp.ClientResponse, call: Call
