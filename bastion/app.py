@@ -74,6 +74,7 @@ class Gateway:
         call: Call | None = None
         reservation: Reservation | None = None
         worst_tokens = 0
+        limited = False  # the limiter's headers are in ``headers``
         self.metrics.in_flight += 1
         try:
             key = self.authenticate(request)
@@ -85,6 +86,7 @@ class Gateway:
             rpm, tpm = self.limits(key)
             decision = await self.admit(key, rpm, tpm, worst_tokens, cap)
             headers.update(decision.headers)
+            limited = True
             worst_cost = cost_nanos(bound, cap * req.n, model.input_price, model.output_price)
             reservation = await self.reserve(key.account_id, worst_cost)
             if reservation is None:
@@ -103,6 +105,8 @@ class Gateway:
         except APIError as exc:
             if call is not None:
                 call.status = str(exc.status)
+            elif key is not None and not exc.headers and not limited:
+                headers.update(await self.limiter.peek(key.id, *self.limits(key)))
             headers.update(exc.headers)
             self.metrics.requests[endpoint, str(exc.status)] += 1
             return web.Response(

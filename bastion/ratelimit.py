@@ -27,6 +27,7 @@ class Decision:
 
 class Limiter(Protocol):
     async def admit(self, key_id: str, rpm: int, tpm: int, tokens: int) -> Decision: ...
+    async def peek(self, key_id: str, rpm: int, tpm: int) -> dict[str, str]: ...
     def refund(self, key_id: str, tpm: int, tokens: int) -> None: ...
     async def close(self) -> None: ...
 
@@ -108,6 +109,14 @@ class MemoryLimiter:
         headers_for("requests", rpm, req_tat, now, decision.headers, period)
         headers_for("tokens", tpm, tok_tat, now, decision.headers, period)
         return decision
+
+    async def peek(self, key_id: str, rpm: int, tpm: int) -> dict[str, str]:
+        """The key's x-ratelimit-* headers now, charging nothing (for refused requests)."""
+        now = self._clock()
+        headers: dict[str, str] = {}
+        headers_for("requests", rpm, self._req.get(key_id, now), now, headers, self._period)
+        headers_for("tokens", tpm, self._tok.get(key_id, now), now, headers, self._period)
+        return headers
 
     def refund(self, key_id: str, tpm: int, tokens: int) -> None:
         """Give back tokens reserved at admission but not used (or charge extra if < 0)."""

@@ -25,7 +25,7 @@ from bastion.ratelimit import PERIOD_S, Decision, MemoryLimiter, headers_for
 
 log = logging.getLogger("bastion.ratelimit")
 
-# KEYS: request TAT, token TAT. ARGV: period_us, rpm, tpm, tokens.
+# KEYS: request TAT, token TAT. ARGV: period_us, rpm, tpm, tokens, peek (1: decide nothing).
 # A TAT is absolute microseconds on this server's clock; an absent key means "now".
 # Both dimensions are checked first; the new TATs are stored only if both pass.
 # Reply: {allowed, reason (1 requests, 2 tokens), req TAT - now, tok TAT - now, retry_us}.
@@ -38,6 +38,7 @@ local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tat = {now, now}
 local new = {now, now}
 local allowed, reason, retry = 1, 0, 0
+local peek = ARGV[5] == '1'
 for i = 1, 2 do
   if limits[i] > 0 then
     local stored = tonumber(redis.call('GET', KEYS[i]) or now)
@@ -50,6 +51,9 @@ for i = 1, 2 do
       if over > retry then retry = over end
     end
   end
+end
+if peek then
+  return {1, 0, tat[1] - now, tat[2] - now, 0}
 end
 if allowed == 1 then
   for i = 1, 2 do
@@ -160,13 +164,28 @@ class RedisLimiter:
         try:
             async with asyncio.timeout(self._timeout):
                 reply = await self._admit_script(
-                    keys=self.keys(key_id), args=[self._period_us, rpm, tpm, tokens]
+                    keys=self.keys(key_id), args=[self._period_us, rpm, tpm, tokens, 0]
                 )
         except _FAILURES as exc:
             return await self._admit_locally(self._lost(exc), key_id, rpm, tpm, tokens)
         if self._fallback is not None:
             self._recovered()
         return self._decision(reply, rpm, tpm)
+
+    async def peek(self, key_id: str, rpm: int, tpm: int) -> dict[str, str]:
+        """The key's x-ratelimit-* headers now, charging nothing (for refused requests)."""
+        if self._fallback is not None:
+            return await self._fallback.peek(
+                key_id, share(rpm, self._replicas), share(tpm, self._replicas)
+            )
+        try:
+            async with asyncio.timeout(self._timeout):
+                reply = await self._admit_script(
+                    keys=self.keys(key_id), args=[self._period_us, rpm, tpm, 0, 1]
+                )
+        except _FAILURES:
+            return {}
+        return self._decision(reply, rpm, tpm).headers
 
     def refund(self, key_id: str, tpm: int, tokens: int) -> None:
         """Fire-and-forget: settlement must never wait on Redis."""

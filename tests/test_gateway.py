@@ -265,3 +265,18 @@ def test_default_output_cap_is_sent_upstream(gateway):
     res = client(gateway, key).responses.create(model="gpt-oss-120b", input="Reply with: ok")
     assert res.max_output_tokens == 4096
     assert reply_text({"model": "gpt-oss-120b", "input": "Reply with: ok"}) == "ok"
+
+
+def test_refused_authenticated_posts_carry_rate_limit_headers(gateway):
+    """400, 413 and model errors also tell the client where its limits stand."""
+    key, _ = gateway.new_key(rpm=50, tpm=100_000)
+    for path, body in (
+        ("/responses", b"{bad"),
+        ("/responses", b'{"model": "nope", "input": "x"}'),
+        ("/chat/completions", b'{"model": "gpt-oss-120b", "messages": []}'),
+    ):
+        resp = post(gateway, path, key, content=body)
+        assert resp.status_code == 400
+        assert resp.headers["x-ratelimit-limit-requests"] == "50"
+        assert resp.headers["x-ratelimit-remaining-requests"] == "50"  # nothing was charged
+        assert resp.headers["x-ratelimit-limit-tokens"] == "100000"

@@ -291,3 +291,21 @@ async def test_open_limiter_builds_the_redis_limiter():
         assert limiter._replicas == 4
     finally:
         await limiter.close()
+
+
+@pytest.mark.parametrize("kind", ["redis", "memory"])
+async def test_peek_reports_without_charging(make: MakeLimiter, kind: str):
+    limiter = make() if kind == "redis" else MemoryLimiter()
+    assert await limiter.peek("p", 10, 1000) == {
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "10",
+        "x-ratelimit-reset-requests": "0ms",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "1000",
+        "x-ratelimit-reset-tokens": "0ms",
+    }
+    await limiter.admit("p", 10, 1000, 100)
+    for _ in range(3):
+        headers = await limiter.peek("p", 10, 1000)
+        assert headers["x-ratelimit-remaining-requests"] == "9"
+        assert headers["x-ratelimit-remaining-tokens"] == "900"
