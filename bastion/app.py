@@ -105,7 +105,7 @@ class Gateway:
         except APIError as exc:
             if call is not None:
                 call.status = str(exc.status)
-            elif key is not None and not exc.headers and not limited:
+            elif key is not None and not limited and "retry-after" not in exc.headers:
                 headers.update(await self.limiter.peek(key.id, *self.limits(key)))
             headers.update(exc.headers)
             self.metrics.requests[endpoint, str(exc.status)] += 1
