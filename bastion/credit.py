@@ -10,8 +10,8 @@ request does not fit, the lease grows by one store round trip (serialised per
 account); leases of idle accounts go back after a few seconds.
 
 One background task alternates between writing settled rows in batches (group
-commit: whatever queued while a commit ran goes in the next one; the cost leaves the
-balance and the lease together) and the periodic refresh: keys, heartbeat, idle
+commit: rows gather for 10 ms, and whatever queues while a commit runs goes in the
+next one; the cost leaves the balance and the lease together) and the periodic refresh: keys, heartbeat, idle
 leases back. A gateway whose heartbeats fail stops trusting its leases before the
 store would reclaim them.
 """
@@ -32,6 +32,7 @@ log = logging.getLogger("bastion.credit")
 HEADROOM = 4  # a lease grows by the missing amount plus this many times the request's worst case
 IDLE_RELEASE_S = 2.0  # an account unused this long gives its free lease back
 TRUST_S = LEASE_TTL_US / 1_000_000 / 2  # leases are used only this long after a heartbeat
+COMMIT_WINDOW_S = 0.01  # settled rows gather this long before a commit: fewer, larger fsyncs
 
 
 class StoreUnavailable(Exception):
@@ -199,6 +200,8 @@ class LedgerWriter:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout + backoff)
             self._wake.clear()
+            if self.queue and not self._closing:
+                await asyncio.sleep(COMMIT_WINDOW_S)
             try:
                 await self.flush()
                 if time.monotonic() - self.last_refresh >= self.refresh_s:
