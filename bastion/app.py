@@ -3,7 +3,7 @@
 A POST goes auth → body → model → rate limit → credit → upstream (SPEC §1 order),
 then settles: the reservation becomes the actual cost, a ledger row is queued for
 the next group commit, unused tokens go back to the limiter. Nothing on this path
-waits on the database; keys and balances are in memory, refreshed in the background.
+waits on the database: keys and leased credit are in memory, refreshed in the background.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import orjson
 from aiohttp import web
 
-from bastion.auth import hash_key
+from bastion.auth import KeyTable
 from bastion.config import Config, ModelConfig
 from bastion.credit import CreditBook, LedgerWriter, Reservation
 from bastion.errors import APIError
@@ -27,7 +27,7 @@ from bastion.metrics import Metrics
 from bastion.money import cost_nanos, format_usd
 from bastion.ratelimit import Decision, open_limiter
 from bastion.relay import Call, Relay
-from bastion.store import ApiKey, LedgerRow, Snapshot, open_store
+from bastion.store import ApiKey, LedgerRow, open_store
 from bastion.validation import ClientRequest, parse
 
 log = logging.getLogger("bastion")
@@ -40,17 +40,16 @@ class Gateway:
         self.config = config
         self.store = open_store(config.database_url)
         self.limiter = open_limiter(config.ratelimit.url, replicas=replicas)
-        self.keys: dict[str, ApiKey] = {}
+        self.keys = KeyTable()
         self.book = CreditBook(self.store, "gw_" + secrets.token_hex(6))
-        self.writer = LedgerWriter(self.store, self.book, self._load, config.refresh_interval_s)
+        self.writer = LedgerWriter(
+            self.store, self.book, lambda: self.keys.refresh(self.store), config.refresh_interval_s
+        )
         self.relay = Relay(config.upstreams, config.health_check_interval_s)
         self.metrics = Metrics(self.relay.pool, self.limiter)
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
         self.created = int(time.time())
         self._ready: tuple[float, bool] = (0.0, False)
-
-    def _load(self, snapshot: Snapshot) -> None:
-        self.keys = snapshot.keys
 
     # ---- lifecycle -------------------------------------------------------------
     async def startup(self, app: web.Application) -> None:
@@ -129,7 +128,7 @@ class Gateway:
                 "invalid_api_key",
                 "Missing API key: send 'Authorization: Bearer qbt_…'.",
             )
-        key = self.keys.get(hash_key(token.strip()))
+        key = self.keys.get(token.strip())
         if key is None:
             shown = token[:8] + "…" if len(token) > 8 else "…"
             raise APIError(401, "invalid_api_key", f"Incorrect or revoked API key: {shown}")

@@ -11,9 +11,9 @@ account); leases of idle accounts go back after a few seconds.
 
 One background task alternates between writing settled rows in batches (group
 commit: rows gather for 10 ms, and whatever queues while a commit runs goes in the
-next one; the cost leaves the balance and the lease together) and the periodic refresh: keys, heartbeat, idle
-leases back. A gateway whose heartbeats fail stops trusting its leases before the
-store would reclaim them.
+next one; the cost leaves the balance and the lease together) and the periodic
+refresh: keys, heartbeat, idle leases back. A gateway whose heartbeats fail stops
+trusting its leases before the store would reclaim them.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from bastion.store import LEASE_TTL_US, LedgerRow, Snapshot, Store
+from bastion.store import LEASE_TTL_US, LedgerRow, Store
 
 log = logging.getLogger("bastion.credit")
 
@@ -143,12 +143,12 @@ class LedgerWriter:
         self,
         store: Store,
         book: CreditBook,
-        on_snapshot: Callable[[Snapshot], None],
+        refresh_keys: Callable[[], Awaitable[None]],
         refresh_s: float = 1.0,
     ) -> None:
         self.store = store
         self.book = book
-        self.on_snapshot = on_snapshot
+        self.refresh_keys = refresh_keys
         self.refresh_s = refresh_s
         self.queue: list[LedgerRow] = []
         self._wake = asyncio.Event()
@@ -188,7 +188,7 @@ class LedgerWriter:
         started = time.monotonic()
         await self.store.heartbeat(self.book.gateway_id)
         self.book.trusted_until = started + TRUST_S
-        self.on_snapshot(await self.store.snapshot())
+        await self.refresh_keys()
         if idle := self.book.idle():
             await self.store.release(self.book.gateway_id, idle)
         self.last_refresh = time.monotonic()

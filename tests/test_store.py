@@ -294,14 +294,13 @@ async def test_update_key_changes_only_given_fields(store: Store) -> None:
 
 
 async def test_revoke_key_and_snapshot(store: Store) -> None:
-    a = await store.create_account("a", 700)
-    b = await store.create_account("b")
+    await store.create_account("a", 700)
+    await store.create_account("b")
     k1, p1 = await store.create_key("a")
     k2, p2 = await store.create_key("b")
     snap = await store.snapshot()
     assert set(snap.keys) == {hash_key(p1), hash_key(p2)}
     assert snap.keys[hash_key(p1)] == k1
-    assert snap.balances == {a.id: 700, b.id: 0}
 
     revoked = await store.revoke_key(k1.id)
     assert revoked.revoked and revoked.id == k1.id
@@ -313,6 +312,21 @@ async def test_revoke_key_and_snapshot(store: Store) -> None:
     assert [k.revoked for k in await store.list_keys()] == [True, False]
     with pytest.raises(StoreError, match="no key with id"):
         await store.revoke_key("key_nope")
+
+
+async def test_keys_changed_since(store: Store) -> None:
+    await store.create_account("a", 700)
+    k1, _ = await store.create_key("a")
+    since = _now()
+    assert await store.keys_changed(since) == []
+    k2, _ = await store.create_key("a")
+    await store.update_key(k1.id, rpm=5)
+    changed = {k.id: k for k in await store.keys_changed(since)}
+    assert set(changed) == {k1.id, k2.id} and changed[k1.id].rpm == 5
+    later = _now()
+    await store.revoke_key(k2.id)
+    [revoked] = await store.keys_changed(later)
+    assert revoked.id == k2.id and revoked.revoked
 
 
 # ---- ledger ---------------------------------------------------------------------------

@@ -1,10 +1,11 @@
 """The store: accounts, credit grants, API keys and the ledger, behind one async interface.
 
-The gateway never waits on it per request: it loads keys and balances into memory
-(``snapshot``), and writes settled requests in batches (``write_ledger``). The CLI
-and the admin API call the rest. ``open_store(url)`` picks the backend by URL.
-Ids are made in Python and timestamps are integer microseconds since the epoch, so
-one migration history serves SQLite and PostgreSQL alike.
+The gateway never waits on it per request: it keeps keys in memory (``snapshot``,
+then ``keys_changed``), admits against leased credit (``lease``), and writes settled
+requests in batches (``write_ledger``). The CLI and the admin API call the rest.
+``open_store(url)`` picks the backend by URL. Ids are made in Python and timestamps
+are integer microseconds since the epoch, so one migration history serves SQLite
+and PostgreSQL alike.
 """
 
 from __future__ import annotations
@@ -66,10 +67,9 @@ class LedgerRow:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What a gateway caches: every non-revoked key by hash, every account's balance."""
+    """What a gateway caches: every non-revoked key by hash."""
 
     keys: dict[str, ApiKey]  # key_hash -> key
-    balances: dict[str, int]  # account_id -> balance (nano-dollars)
 
 
 class Store(Protocol):
@@ -95,6 +95,7 @@ class Store(Protocol):
 
     # gateways: credit leases (see 0002_leases.sql) and the ledger
     async def snapshot(self) -> Snapshot: ...
+    async def keys_changed(self, since_us: int) -> list[ApiKey]: ...
     async def heartbeat(self, gateway_id: str) -> None: ...
     async def lease(self, gateway_id: str, account_id: str, want: int) -> tuple[int, int]: ...
     async def release(self, gateway_id: str, amounts: dict[str, int]) -> None: ...

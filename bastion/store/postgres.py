@@ -246,7 +246,7 @@ class PostgresStore:
             owner = await _account(conn, account)
             await conn.execute(
                 "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, rpm, tpm,"
-                " revoked, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)",
+                " revoked, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $8)",
                 key_id,
                 owner.id,
                 name,
@@ -276,10 +276,11 @@ class PostgresStore:
         async with self._write() as conn:
             await _key(conn, key_id)
             await conn.execute(
-                "UPDATE api_keys SET rpm = COALESCE($1, rpm), tpm = COALESCE($2, tpm)"
-                " WHERE id = $3",
+                "UPDATE api_keys SET rpm = COALESCE($1, rpm), tpm = COALESCE($2, tpm),"
+                " updated_at = $3 WHERE id = $4",
                 rpm,
                 tpm,
+                now_us(),
                 key_id,
             )
             return await _key(conn, key_id)
@@ -289,7 +290,8 @@ class PostgresStore:
         async with self._write() as conn:
             await _key(conn, key_id)
             await conn.execute(
-                "UPDATE api_keys SET revoked = 1, revoked_at = $1 WHERE id = $2 AND revoked = 0",
+                "UPDATE api_keys SET revoked = 1, revoked_at = $1, updated_at = $1"
+                " WHERE id = $2 AND revoked = 0",
                 now_us(),
                 key_id,
             )
@@ -359,13 +361,15 @@ class PostgresStore:
 
     async def snapshot(self) -> Snapshot:
         async with self._read() as conn:
-            # One snapshot for both reads, so keys and balances come from the same instant.
-            async with conn.transaction(isolation="repeatable_read", readonly=True):
-                keys = [_api_key(r) for r in await conn.fetch(_KEY_SELECT + "WHERE k.revoked = 0")]
-                balances = {
-                    r[0]: r[1] for r in await conn.fetch("SELECT id, balance FROM accounts")
-                }
-        return Snapshot(keys={k.key_hash: k for k in keys}, balances=balances)
+            rows = await conn.fetch(_KEY_SELECT + "WHERE k.revoked = 0")
+        keys = [_api_key(r) for r in rows]
+        return Snapshot(keys={k.key_hash: k for k in keys})
+
+    async def keys_changed(self, since_us: int) -> list[ApiKey]:
+        """Keys created, changed or revoked at or after ``since_us`` (revoked included)."""
+        async with self._read() as conn:
+            rows = await conn.fetch(_KEY_SELECT + "WHERE k.updated_at >= $1", since_us)
+        return [_api_key(r) for r in rows]
 
     async def heartbeat(self, gateway_id: str) -> None:
         """This gateway is alive; leases of gateways silent past the TTL are reclaimed."""

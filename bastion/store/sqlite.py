@@ -235,13 +235,13 @@ class SQLiteStore:
     def _create_key(
         self, conn: sqlite3.Connection, account: str, name: str, rpm: int | None, tpm: int | None
     ) -> tuple[ApiKey, str]:
-        key_id, plaintext = new_id("key_"), generate_key()
+        key_id, plaintext, now = new_id("key_"), generate_key(), now_us()
         with self._write(conn):
             owner = self._account(conn, account)
             conn.execute(
                 "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, rpm, tpm,"
-                " revoked, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
-                (key_id, owner.id, name, plaintext[:12], hash_key(plaintext), rpm, tpm, now_us()),
+                " revoked, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (key_id, owner.id, name, plaintext[:12], hash_key(plaintext), rpm, tpm, now, now),
             )
         return self._key(conn, key_id), plaintext
 
@@ -274,9 +274,9 @@ class SQLiteStore:
             with self._write(conn):
                 self._key(conn, key_id)
                 conn.execute(
-                    "UPDATE api_keys SET rpm = COALESCE(?, rpm), tpm = COALESCE(?, tpm)"
-                    " WHERE id = ?",
-                    (rpm, tpm, key_id),
+                    "UPDATE api_keys SET rpm = COALESCE(?, rpm), tpm = COALESCE(?, tpm),"
+                    " updated_at = ? WHERE id = ?",
+                    (rpm, tpm, now_us(), key_id),
                 )
             return self._key(conn, key_id)
 
@@ -289,8 +289,9 @@ class SQLiteStore:
             with self._write(conn):
                 self._key(conn, key_id)
                 conn.execute(
-                    "UPDATE api_keys SET revoked = 1, revoked_at = ? WHERE id = ? AND revoked = 0",
-                    (now_us(), key_id),
+                    "UPDATE api_keys SET revoked = 1, revoked_at = ?, updated_at = ?"
+                    " WHERE id = ? AND revoked = 0",
+                    (now_us(), now_us(), key_id),
                 )
             return self._key(conn, key_id)
 
@@ -368,16 +369,19 @@ class SQLiteStore:
 
     async def snapshot(self) -> Snapshot:
         def _snapshot(conn: sqlite3.Connection) -> Snapshot:
-            # One read transaction, so keys and balances come from the same instant.
-            conn.execute("BEGIN")
-            try:
-                keys = [_api_key(r) for r in conn.execute(_KEY_SELECT + "WHERE k.revoked = 0")]
-                balances = dict(conn.execute("SELECT id, balance FROM accounts").fetchall())
-            finally:
-                conn.execute("COMMIT")
-            return Snapshot(keys={k.key_hash: k for k in keys}, balances=balances)
+            keys = [_api_key(r) for r in conn.execute(_KEY_SELECT + "WHERE k.revoked = 0")]
+            return Snapshot(keys={k.key_hash: k for k in keys})
 
         return await self._run(_snapshot)
+
+    async def keys_changed(self, since_us: int) -> list[ApiKey]:
+        """Keys created, changed or revoked at or after ``since_us`` (revoked included)."""
+
+        def _changed(conn: sqlite3.Connection) -> list[ApiKey]:
+            rows = conn.execute(_KEY_SELECT + "WHERE k.updated_at >= ?", (since_us,))
+            return [_api_key(r) for r in rows]
+
+        return await self._run(_changed)
 
     async def heartbeat(self, gateway_id: str) -> None:
         """This gateway is alive; leases of gateways silent past the TTL are reclaimed."""
