@@ -332,38 +332,32 @@ class SQLiteStore:
         self, conn: sqlite3.Connection, rows: list[LedgerRow], gateway_id: str | None
     ) -> int:
         charges: dict[str, int] = {}
-        inserted = 0
         with self._write(conn):
+            seen: set[str] = set()  # request ids already in the ledger, or earlier in the batch
+            ids = [row.request_id for row in rows]
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                sql = f"SELECT request_id FROM ledger WHERE request_id IN ({marks})"
+                seen.update(found for (found,) in conn.execute(sql, chunk))
+            new = []
             for row in rows:
-                cursor = conn.execute(
-                    f"INSERT INTO ledger ({_LEDGER_COLUMNS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (request_id) DO NOTHING",
-                    (
-                        row.request_id,
-                        row.account_id,
-                        row.key_id,
-                        row.model,
-                        row.endpoint,
-                        row.input_tokens,
-                        row.output_tokens,
-                        row.cost,
-                        int(row.estimated),
-                        row.status,
-                        row.created_at,
-                    ),
-                )
-                if cursor.rowcount == 1:
-                    inserted += 1
-                    charges[row.account_id] = charges.get(row.account_id, 0) + row.cost
-            for account_id in sorted(charges):  # fixed order: no lock-order deadlocks
-                conn.execute(
-                    "UPDATE accounts SET balance = balance - ?, spent = spent + ? WHERE id = ?",
-                    (charges[account_id], charges[account_id], account_id),
-                )
+                if row.request_id not in seen:
+                    seen.add(row.request_id)
+                    new.append(row)
+            conn.executemany(  # one C loop: the worker thread holds the GIL as little as it can
+                f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [_ledger_values(row) for row in new],
+            )
+            for row in new:
+                charges[row.account_id] = charges.get(row.account_id, 0) + row.cost
+            conn.executemany(  # fixed order: no lock-order deadlocks
+                "UPDATE accounts SET balance = balance - ?, spent = spent + ? WHERE id = ?",
+                [(charges[a], charges[a], a) for a in sorted(charges)],
+            )
             if gateway_id is not None:
                 self._shrink_leases(conn, gateway_id, charges)
-        return inserted
+        return len(new)
 
     # ---- gateways -------------------------------------------------------------------
 
@@ -485,6 +479,14 @@ def _api_key(row: tuple[Any, ...]) -> ApiKey:
         revoked=bool(revoked),
         created_at=created,
     )
+
+
+def _ledger_values(row: LedgerRow) -> tuple[Any, ...]:
+    return (
+        row.request_id, row.account_id, row.key_id, row.model, row.endpoint,
+        row.input_tokens, row.output_tokens, row.cost, int(row.estimated), row.status,
+        row.created_at,
+    )  # fmt: skip
 
 
 def _ledger_row(row: tuple[Any, ...]) -> LedgerRow:
