@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -182,36 +183,59 @@ class Relay:
     ) -> web.StreamResponse:
         scanner = ResponsesScanner(call) if call.endpoint == "responses" else ChatScanner(call)
         response = web.StreamResponse(status=200, headers={**STREAM_HEADERS, **call.headers})
-        await response.prepare(request)
         call.status = "cancelled"  # until the stream is known to have ended well
+        try:
+            await _send(response.prepare(request))
+            failure = await self._pipe(upstream, response, scanner, call)
+            if failure:
+                await _send(response.write(scanner.error_event(failure)))
+            call.status = "502" if failure or scanner.errored else "200"
+            await _send(response.write_eof())
+        except _ClientGone:
+            call.status = "cancelled"  # aiohttp ignores the closed connection from here
+        return response
+
+    @staticmethod
+    async def _pipe(
+        upstream: aiohttp.ClientResponse,
+        response: web.StreamResponse,
+        scanner: ResponsesScanner | ChatScanner,
+        call: Call,
+    ) -> str:
+        """Relay whole SSE events as they come; returns why the upstream failed, or ''."""
         buffer = b""
-        failure = ""
         try:
             async for chunk in upstream.content.iter_any():
                 buffer += chunk
                 out = []
-                while (end := buffer.find(b"\n\n")) >= 0:
-                    event = scanner.feed(buffer[: end + 2])
-                    buffer = buffer[end + 2 :]
+                start = 0
+                while (end := buffer.find(b"\n\n", start)) >= 0:
+                    event = scanner.feed(buffer[start : end + 2])
+                    start = end + 2
                     if event:
                         out.append(event)
+                buffer = buffer[start:]
                 if out:
-                    await response.write(out[0] if len(out) == 1 else b"".join(out))
-            if not scanner.finished:
-                failure = "upstream closed the stream before it finished"
+                    await _send(response.write(out[0] if len(out) == 1 else b"".join(out)))
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-            failure = f"upstream broke off the stream: {_describe(exc)}"
+            return f"upstream broke off the stream: {_describe(exc)}"
         except TimeoutError:
-            failure = f"upstream sent nothing for {call.upstream.read_timeout_s:g}s"
+            assert call.upstream is not None
+            return f"upstream sent nothing for {call.upstream.read_timeout_s:g}s"
         except aiohttp.ClientError as exc:
-            failure = _describe(exc)
-        if failure:
-            call.status = "502"
-            await response.write(scanner.error_event(failure))
-        else:
-            call.status = "502" if scanner.errored else "200"
-        await response.write_eof()
-        return response
+            return _describe(exc)
+        return "" if scanner.finished else "upstream closed the stream before it finished"
+
+
+class _ClientGone(Exception):
+    """Writing to the client failed: it disconnected (not an upstream error)."""
+
+
+async def _send(write: Awaitable[object]) -> None:
+    try:
+        await write
+    except ConnectionResetError:
+        raise _ClientGone from None
 
 
 class _Retry(Exception):
