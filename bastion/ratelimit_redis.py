@@ -25,6 +25,8 @@ from bastion.ratelimit import PERIOD_S, Decision, MemoryLimiter, headers_for
 
 log = logging.getLogger("bastion.ratelimit")
 
+REFUND_BATCH_S = 0.005  # refunds gather this long, then go to Redis in one pipeline
+
 # KEYS: request TAT, token TAT. ARGV: period_us, rpm, tpm, tokens, peek (1: decide nothing).
 # A TAT is absolute microseconds on this server's clock; an absent key means "now".
 # Both dimensions are checked first; the new TATs are stored only if both pass.
@@ -140,6 +142,8 @@ class RedisLimiter:
         self._fallback: MemoryLimiter | None = None
         self._retry_at = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._refunds: dict[str, tuple[int, int]] = {}  # key_id -> (tpm, tokens to give back)
+        self._refund_scheduled = False
         self.fallbacks = 0
         self.outages = 0
         self.refund_failures = 0
@@ -188,15 +192,22 @@ class RedisLimiter:
         return self._decision(reply, rpm, tpm).headers
 
     def refund(self, key_id: str, tpm: int, tokens: int) -> None:
-        """Fire-and-forget: settlement must never wait on Redis."""
+        """Fire-and-forget: settlement never waits on Redis.
+
+        Refunds gather for ``REFUND_BATCH_S`` (summed per key) and go in one pipelined
+        round trip, so a busy gateway pays a fraction of a round trip per request."""
         if not (tpm and tokens):
             return
         if self._fallback is not None:
             self._fallback.refund(key_id, share(tpm, self._replicas), tokens)
             return
-        task = asyncio.get_running_loop().create_task(self._refund(key_id, tpm, tokens))
-        self._tasks.add(task)  # the loop keeps only a weak reference to tasks
-        task.add_done_callback(self._tasks.discard)
+        queued = self._refunds.get(key_id)
+        self._refunds[key_id] = (tpm, tokens + (queued[1] if queued else 0))
+        if not self._refund_scheduled:
+            self._refund_scheduled = True
+            task = asyncio.get_running_loop().create_task(self._flush_refunds())
+            self._tasks.add(task)  # the loop keeps only a weak reference to tasks
+            task.add_done_callback(self._tasks.discard)
 
     async def drain(self) -> None:
         """Wait for refunds in flight (shutdown, tests)."""
@@ -207,15 +218,23 @@ class RedisLimiter:
         await self.drain()
         await self._redis.aclose()
 
-    async def _refund(self, key_id: str, tpm: int, tokens: int) -> None:
+    async def _flush_refunds(self) -> None:
+        await asyncio.sleep(REFUND_BATCH_S)
+        batch, self._refunds = self._refunds, {}
+        self._refund_scheduled = False  # refunds from now on go in the next batch
         try:
             async with asyncio.timeout(self._timeout):
-                await self._refund_script(
-                    keys=[self.keys(key_id)[1]], args=[self._period_us, tpm, tokens]
-                )
+                pipe = self._redis.pipeline(transaction=False)
+                for key_id, (tpm, tokens) in batch.items():
+                    await self._refund_script(
+                        keys=[self.keys(key_id)[1]],
+                        args=[self._period_us, tpm, tokens],
+                        client=pipe,
+                    )
+                await pipe.execute()
         except _FAILURES as exc:
-            self.refund_failures += 1
-            log.debug("rate limiter: refund for key %s lost: %s", key_id, _describe(exc))
+            self.refund_failures += len(batch)
+            log.debug("rate limiter: %d refunds lost: %s", len(batch), _describe(exc))
 
     def _decision(self, reply: Any, rpm: int, tpm: int) -> Decision:
         allowed, reason, req_rel, tok_rel, retry_us = (int(x) for x in reply)
