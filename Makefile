@@ -23,8 +23,8 @@ test: $(STAMP)  ## the whole suite (lint, Python tests, JavaScript examples)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
-bench: $(STAMP)
-	$(BIN)/python -m bench.run
+bench: $(STAMP)  ## gateway benchmark (bench/README.md); options: make bench ARGS="--quick --scale"
+	$(BIN)/python -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
