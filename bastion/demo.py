@@ -81,7 +81,7 @@ async def _start(app: web.Application, host: str, port: int, **kwargs: object) -
     runner = web.AppRunner(app, access_log=None, **kwargs)  # type: ignore[arg-type]
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, backlog=4096).start()
     except OSError as exc:
         await runner.cleanup()
         raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror}") from None

@@ -59,6 +59,7 @@ def run_worker(config: Config, host: str, port: int, workers: int) -> None:
         host=host,
         port=port,
         reuse_port=workers > 1,
+        backlog=4096,  # aiohttp's 128 drops SYNs when thousands of streams connect at once
         access_log=None,
         handler_cancellation=True,
         loop=uvloop.new_event_loop(),
