@@ -1,7 +1,7 @@
 """The benchmark: Bastion vs a plain nginx proxy vs LiteLLM, in front of a near-free upstream.
 
-    python -m bench.run                 # full: 3 repeats x 5 s, c = 1, 16, 64  (~13 min)
-    python -m bench.run --quick         # 1 repeat x 3 s, c = 1 and 64          (~2 min)
+    python -m bench.run                 # full: 3 repeats x 5 s, c = 1, 16, 64  (~15 min)
+    python -m bench.run --quick         # 1 repeat x 3 s, c = 1 and 64          (~3 min)
     python -m bench.run --scale         # also Bastion on PostgreSQL + Redis, 1 and 2 workers
     make bench ARGS="--quick --scale"
 
