@@ -7,7 +7,8 @@ overspend (see ``store/migrations/0002_leases.sql``). Per account the book holds
 lease, the cost of requests settled but not yet written (``pending``) and the worst
 case of requests in flight (``reserved``); free = lease − pending − reserved. When a
 request does not fit, the lease grows by one store round trip (serialised per
-account); leases of idle accounts go back after a few seconds.
+account), at least doubling, so a busy account asks less and less often; leases of
+idle accounts go back after a few seconds.
 
 One background task alternates between writing settled rows in batches (group
 commit: rows gather for 10 ms, and whatever queues while a commit runs goes in the
@@ -29,7 +30,7 @@ from bastion.store import LEASE_TTL_US, LedgerRow, Store
 
 log = logging.getLogger("bastion.credit")
 
-HEADROOM = 4  # a lease grows by the missing amount plus this many times the request's worst case
+HEADROOM = 4  # a lease grows by what is missing + 4 worst cases, or + its own size if larger
 IDLE_RELEASE_S = 2.0  # an account unused this long gives its free lease back
 TRUST_S = LEASE_TTL_US / 1_000_000 / 2  # leases are used only this long after a heartbeat
 COMMIT_WINDOW_S = 0.01  # settled rows gather this long before a commit: fewer, larger fsyncs
@@ -80,8 +81,10 @@ class CreditBook:
         async with lock:
             missing = amount - self.free(account_id)
             if missing > 0:
+                # geometric growth: a busy account's lease doubles, so top-ups get rare
+                headroom = max(HEADROOM * amount, self.lease.get(account_id, 0))
                 granted, unleased = await self.store.lease(
-                    self.gateway_id, account_id, missing + HEADROOM * amount
+                    self.gateway_id, account_id, missing + headroom
                 )
                 self.lease[account_id] = self.lease.get(account_id, 0) + granted
                 self.unleased[account_id] = unleased
