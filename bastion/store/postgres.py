@@ -40,8 +40,18 @@ from bastion.store import (
     Snapshot,
     StoreError,
 )
+from bastion.store.common import (
+    KEY_SELECT,
+    LEDGER_COLUMNS,
+    account_select,
+    api_key,
+    check_limits,
+    ledger_row,
+    live_leases,
+    new_id,
+    now_us,
+)
 from bastion.store.migrate import migrate_postgres
-from bastion.store.sqlite import _api_key, _check_limits, _ledger_row, new_id, now_us
 
 if TYPE_CHECKING:
     import asyncpg
@@ -50,29 +60,12 @@ POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 10
 CLOSE_TIMEOUT_S = 10.0
 
-_LIVE_LEASES = """COALESCE((SELECT SUM(l.amount) FROM leases l
-                 JOIN gateways g ON g.id = l.gateway_id
-                 WHERE l.account_id = a.id AND g.seen_at >= $1), 0)::BIGINT"""
-
-_ACCOUNT_SELECT = f"""
-SELECT a.id, a.name, a.balance, a.spent, {_LIVE_LEASES}, a.created_at
-FROM accounts a
-"""
-
-_KEY_SELECT = """
-SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.rpm, k.tpm,
-       k.revoked, k.created_at
-FROM api_keys k JOIN accounts a ON a.id = k.account_id
-"""
-
-_LEDGER_COLUMNS = (
-    "request_id, account_id, key_id, model, endpoint, input_tokens, output_tokens,"
-    " cost, estimated, status, created_at"
-)
+_LIVE_LEASES = live_leases("$1") + "::BIGINT"
+_ACCOUNT_SELECT = account_select("$1", "::BIGINT")
 
 # One statement for a whole batch; RETURNING names exactly the rows that were new.
 _INSERT_LEDGER = f"""
-INSERT INTO ledger ({_LEDGER_COLUMNS})
+INSERT INTO ledger ({LEDGER_COLUMNS})
 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
                      $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::SMALLINT[], $10::TEXT[],
                      $11::BIGINT[])
@@ -240,7 +233,7 @@ class PostgresStore:
     async def create_key(
         self, account: str, name: str = "", rpm: int | None = None, tpm: int | None = None
     ) -> tuple[ApiKey, str]:
-        _check_limits(rpm, tpm)
+        check_limits(rpm, tpm)
         key_id, plaintext = new_id("key_"), generate_key()
         async with self._write() as conn:
             owner = await _account(conn, account)
@@ -261,18 +254,18 @@ class PostgresStore:
     async def list_keys(self, account: str | None = None) -> list[ApiKey]:
         async with self._read() as conn:
             if account is None:
-                rows = await conn.fetch(_KEY_SELECT + "ORDER BY k.created_at, k.id")
+                rows = await conn.fetch(KEY_SELECT + "ORDER BY k.created_at, k.id")
             else:
                 owner = await _account(conn, account)
                 rows = await conn.fetch(
-                    _KEY_SELECT + "WHERE k.account_id = $1 ORDER BY k.created_at, k.id", owner.id
+                    KEY_SELECT + "WHERE k.account_id = $1 ORDER BY k.created_at, k.id", owner.id
                 )
-        return [_api_key(row) for row in rows]
+        return [api_key(row) for row in rows]
 
     async def update_key(
         self, key_id: str, rpm: int | None = None, tpm: int | None = None
     ) -> ApiKey:
-        _check_limits(rpm, tpm)
+        check_limits(rpm, tpm)
         async with self._write() as conn:
             await _key(conn, key_id)
             await conn.execute(
@@ -311,11 +304,11 @@ class PostgresStore:
             if since_us is not None:
                 params.append(since_us)
                 where.append(f"created_at >= ${len(params)}")
-            sql = f"SELECT {_LEDGER_COLUMNS} FROM ledger"
+            sql = f"SELECT {LEDGER_COLUMNS} FROM ledger"
             if where:
                 sql += " WHERE " + " AND ".join(where)
             rows = await conn.fetch(sql + " ORDER BY created_at, request_id", *params)
-        return [_ledger_row(row) for row in rows]
+        return [ledger_row(row) for row in rows]
 
     async def write_ledger(self, rows: list[LedgerRow], gateway_id: str | None = None) -> int:
         """Insert new rows and charge them in one transaction; a repeated request_id is a no-op.
@@ -361,15 +354,15 @@ class PostgresStore:
 
     async def snapshot(self) -> Snapshot:
         async with self._read() as conn:
-            rows = await conn.fetch(_KEY_SELECT + "WHERE k.revoked = 0")
-        keys = [_api_key(r) for r in rows]
+            rows = await conn.fetch(KEY_SELECT + "WHERE k.revoked = 0")
+        keys = [api_key(r) for r in rows]
         return Snapshot(keys={k.key_hash: k for k in keys})
 
     async def keys_changed(self, since_us: int) -> list[ApiKey]:
         """Keys created, changed or revoked at or after ``since_us`` (revoked included)."""
         async with self._read() as conn:
-            rows = await conn.fetch(_KEY_SELECT + "WHERE k.updated_at >= $1", since_us)
-        return [_api_key(r) for r in rows]
+            rows = await conn.fetch(KEY_SELECT + "WHERE k.updated_at >= $1", since_us)
+        return [api_key(r) for r in rows]
 
     async def heartbeat(self, gateway_id: str) -> None:
         """This gateway is alive; leases of gateways silent past the TTL are reclaimed."""
@@ -439,10 +432,10 @@ async def _account(conn: asyncpg.Connection, name: str) -> Account:
 
 
 async def _key(conn: asyncpg.Connection, key_id: str) -> ApiKey:
-    row = await conn.fetchrow(_KEY_SELECT + "WHERE k.id = $1", key_id)
+    row = await conn.fetchrow(KEY_SELECT + "WHERE k.id = $1", key_id)
     if row is None:
         raise NotFound(f"no key with id {key_id!r}")
-    return _api_key(row)
+    return api_key(row)
 
 
 async def _touch(conn: asyncpg.Connection, gateway_id: str, now: int) -> None:

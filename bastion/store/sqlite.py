@@ -11,9 +11,7 @@ share the file. Every write is one ``BEGIN IMMEDIATE`` transaction.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import sqlite3
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,40 +30,26 @@ from bastion.store import (
     Snapshot,
     StoreError,
 )
+from bastion.store.common import (
+    KEY_SELECT,
+    LEDGER_COLUMNS,
+    account_select,
+    api_key,
+    check_limits,
+    ledger_row,
+    ledger_values,
+    live_leases,
+    new_id,
+    now_us,
+)
 from bastion.store.migrate import migrate_sqlite
 
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 10_000
 
-_LIVE_LEASES = """COALESCE((SELECT SUM(l.amount) FROM leases l
-                 JOIN gateways g ON g.id = l.gateway_id
-                 WHERE l.account_id = a.id AND g.seen_at >= ?), 0)"""
-
-_ACCOUNT_SELECT = f"""
-SELECT a.id, a.name, a.balance, a.spent, {_LIVE_LEASES}, a.created_at
-FROM accounts a
-"""
-
-_KEY_SELECT = """
-SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.rpm, k.tpm,
-       k.revoked, k.created_at
-FROM api_keys k JOIN accounts a ON a.id = k.account_id
-"""
-
-_LEDGER_COLUMNS = (
-    "request_id, account_id, key_id, model, endpoint, input_tokens, output_tokens,"
-    " cost, estimated, status, created_at"
-)
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
-
-
-def new_id(prefix: str) -> str:
-    """Ids are made here, not by the database, so the SQL stays portable."""
-    return prefix + secrets.token_hex(6)
+_ACCOUNT_SELECT = account_select("?")
+_LIVE_LEASES = live_leases("?")
 
 
 def sqlite_path(url: str) -> str:
@@ -229,7 +213,7 @@ class SQLiteStore:
     async def create_key(
         self, account: str, name: str = "", rpm: int | None = None, tpm: int | None = None
     ) -> tuple[ApiKey, str]:
-        _check_limits(rpm, tpm)
+        check_limits(rpm, tpm)
         return await self._run(self._create_key, account, name, rpm, tpm)
 
     def _create_key(
@@ -248,27 +232,27 @@ class SQLiteStore:
     async def list_keys(self, account: str | None = None) -> list[ApiKey]:
         def _list(conn: sqlite3.Connection) -> list[ApiKey]:
             if account is None:
-                rows = conn.execute(_KEY_SELECT + "ORDER BY k.created_at, k.id")
+                rows = conn.execute(KEY_SELECT + "ORDER BY k.created_at, k.id")
             else:
                 owner = self._account(conn, account)
                 rows = conn.execute(
-                    _KEY_SELECT + "WHERE k.account_id = ? ORDER BY k.created_at, k.id",
+                    KEY_SELECT + "WHERE k.account_id = ? ORDER BY k.created_at, k.id",
                     (owner.id,),
                 )
-            return [_api_key(row) for row in rows]
+            return [api_key(row) for row in rows]
 
         return await self._run(_list)
 
     def _key(self, conn: sqlite3.Connection, key_id: str) -> ApiKey:
-        row = conn.execute(_KEY_SELECT + "WHERE k.id = ?", (key_id,)).fetchone()
+        row = conn.execute(KEY_SELECT + "WHERE k.id = ?", (key_id,)).fetchone()
         if row is None:
             raise NotFound(f"no key with id {key_id!r}")
-        return _api_key(row)
+        return api_key(row)
 
     async def update_key(
         self, key_id: str, rpm: int | None = None, tpm: int | None = None
     ) -> ApiKey:
-        _check_limits(rpm, tpm)
+        check_limits(rpm, tpm)
 
         def _update(conn: sqlite3.Connection) -> ApiKey:
             with self._write(conn):
@@ -310,11 +294,11 @@ class SQLiteStore:
             if since_us is not None:
                 where.append("created_at >= ?")
                 params.append(since_us)
-            sql = f"SELECT {_LEDGER_COLUMNS} FROM ledger"
+            sql = f"SELECT {LEDGER_COLUMNS} FROM ledger"
             if where:
                 sql += " WHERE " + " AND ".join(where)
             rows = conn.execute(sql + " ORDER BY created_at, request_id", params)
-            return [_ledger_row(row) for row in rows]
+            return [ledger_row(row) for row in rows]
 
         return await self._run(_usage)
 
@@ -346,8 +330,8 @@ class SQLiteStore:
                     seen.add(row.request_id)
                     new.append(row)
             conn.executemany(  # one C loop: the worker thread holds the GIL as little as it can
-                f"INSERT INTO ledger ({_LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_ledger_values(row) for row in new],
+                f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [ledger_values(row) for row in new],
             )
             for row in new:
                 charges[row.account_id] = charges.get(row.account_id, 0) + row.cost
@@ -363,7 +347,7 @@ class SQLiteStore:
 
     async def snapshot(self) -> Snapshot:
         def _snapshot(conn: sqlite3.Connection) -> Snapshot:
-            keys = [_api_key(r) for r in conn.execute(_KEY_SELECT + "WHERE k.revoked = 0")]
+            keys = [api_key(r) for r in conn.execute(KEY_SELECT + "WHERE k.revoked = 0")]
             return Snapshot(keys={k.key_hash: k for k in keys})
 
         return await self._run(_snapshot)
@@ -372,8 +356,8 @@ class SQLiteStore:
         """Keys created, changed or revoked at or after ``since_us`` (revoked included)."""
 
         def _changed(conn: sqlite3.Connection) -> list[ApiKey]:
-            rows = conn.execute(_KEY_SELECT + "WHERE k.updated_at >= ?", (since_us,))
-            return [_api_key(r) for r in rows]
+            rows = conn.execute(KEY_SELECT + "WHERE k.updated_at >= ?", (since_us,))
+            return [api_key(r) for r in rows]
 
         return await self._run(_changed)
 
@@ -457,39 +441,3 @@ class SQLiteStore:
                 (amounts[account_id], amounts[account_id], gateway_id, account_id),
             )
         conn.execute("DELETE FROM leases WHERE gateway_id = ? AND amount <= 0", (gateway_id,))
-
-
-def _check_limits(rpm: int | None, tpm: int | None) -> None:
-    for label, value in (("rpm", rpm), ("tpm", tpm)):
-        if value is not None and value < 0:
-            raise StoreError(f"{label} must be 0 (unlimited) or positive, got {value}")
-
-
-def _api_key(row: tuple[Any, ...]) -> ApiKey:
-    kid, account_id, account_name, name, prefix, key_hash, rpm, tpm, revoked, created = row
-    return ApiKey(
-        id=kid,
-        account_id=account_id,
-        account_name=account_name,
-        name=name,
-        prefix=prefix,
-        key_hash=key_hash,
-        rpm=rpm,
-        tpm=tpm,
-        revoked=bool(revoked),
-        created_at=created,
-    )
-
-
-def _ledger_values(row: LedgerRow) -> tuple[Any, ...]:
-    return (
-        row.request_id, row.account_id, row.key_id, row.model, row.endpoint,
-        row.input_tokens, row.output_tokens, row.cost, int(row.estimated), row.status,
-        row.created_at,
-    )  # fmt: skip
-
-
-def _ledger_row(row: tuple[Any, ...]) -> LedgerRow:
-    values = list(row)
-    values[8] = bool(values[8])  # estimated
-    return LedgerRow(*values)
