@@ -48,6 +48,8 @@ class Gateway:
         self.relay = Relay(config.upstreams, config.health_check_interval_s)
         self.metrics = Metrics(self.relay.pool, self.limiter)
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
+        self.metrics.lease_waits = lambda: self.book.waits
+        self.metrics.lease_topups = lambda: self.book.topups
         self.created = int(time.time())
         self._ready: tuple[float, bool] = (0.0, False)
 

@@ -5,16 +5,22 @@ live gateways' leases never add up to more than an account's balance, so any num
 of replicas admit locally, with no round trip per request, and still never
 overspend (see ``store/migrations/0002_leases.sql``). Per account the book holds the
 lease, the cost of requests settled but not yet written (``pending``) and the worst
-case of requests in flight (``reserved``); free = lease − pending − reserved. When a
-request does not fit, the lease grows by one store round trip (serialised per
-account), at least doubling, so a busy account asks less and less often; leases of
-idle accounts go back after a few seconds.
+case of requests in flight (``reserved``); free = lease − pending − reserved.
+
+Leases are topped up *before* they run dry, off the request path: after each group
+commit the writer task tops up every busy account whose free lease fell below the
+most it had in use (reserved + pending) since the last check, to twice that. So a
+request awaits the store only when its account's credit is really short, or on the
+account's first request; then the lease grows by one store round trip (serialised
+per account) by what is missing plus as much again as is in use. Leases of idle
+accounts go back after a few seconds, so credit a replica holds but does not use
+is soon available to the others.
 
 One background task alternates between writing settled rows in batches (group
 commit: rows gather for 10 ms, and whatever queues while a commit runs goes in the
-next one; the cost leaves the balance and the lease together) and the periodic
-refresh: keys, heartbeat, idle leases back. A gateway whose heartbeats fail stops
-trusting its leases before the store would reclaim them.
+next one; the cost leaves the balance and the lease together), the lease top-ups,
+and the periodic refresh: keys, heartbeat, idle leases back. A gateway whose
+heartbeats fail stops trusting its leases before the store would reclaim them.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from bastion.store import LEASE_TTL_US, LedgerRow, Store
 
 log = logging.getLogger("bastion.credit")
 
-HEADROOM = 4  # a lease grows by what is missing + 4 worst cases, or + its own size if larger
+HEADROOM = 4  # a lease grows by what is missing + 4 worst cases, or + what is in use if larger
 IDLE_RELEASE_S = 2.0  # an account unused this long gives its free lease back
 TRUST_S = LEASE_TTL_US / 1_000_000 / 2  # leases are used only this long after a heartbeat
 COMMIT_WINDOW_S = 0.01  # settled rows gather this long before a commit: fewer, larger fsyncs
@@ -55,7 +61,10 @@ class CreditBook:
         self.reserved: dict[str, int] = {}
         self.unleased: dict[str, int] = {}  # last seen, for 402 messages
         self.last_used: dict[str, float] = {}
+        self.peak: dict[str, int] = {}  # most in use (reserved + pending) since the last top-up
         self.trusted_until = 0.0
+        self.waits = 0  # requests that waited for a lease grant (metric)
+        self.topups = 0  # background top-ups (metric)
         self._locks: dict[str, asyncio.Lock] = {}
 
     def free(self, account_id: str) -> int:
@@ -77,23 +86,49 @@ class CreditBook:
         self.last_used[account_id] = now
         if amount <= self.free(account_id):
             return self._take(account_id, amount)
-        lock = self._locks.setdefault(account_id, asyncio.Lock())
-        async with lock:
+        self.waits += 1
+        async with self._lock(account_id):
             missing = amount - self.free(account_id)
             if missing > 0:
-                # geometric growth: a busy account's lease doubles, so top-ups get rare
-                headroom = max(HEADROOM * amount, self.lease.get(account_id, 0))
-                granted, unleased = await self.store.lease(
-                    self.gateway_id, account_id, missing + headroom
-                )
-                self.lease[account_id] = self.lease.get(account_id, 0) + granted
-                self.unleased[account_id] = unleased
+                headroom = max(HEADROOM * amount, self.in_use(account_id))
+                await self._grow(account_id, missing + headroom)
             if amount <= self.free(account_id):
                 return self._take(account_id, amount)
         return None
 
+    def in_use(self, account_id: str) -> int:
+        return self.reserved.get(account_id, 0) + self.pending.get(account_id, 0)
+
+    async def top_up(self) -> None:
+        """Grow the lease of every busy account whose free part fell below its recent peak.
+
+        Runs in the writer task, so requests find credit already leased."""
+        for account_id, peak in list(self.peak.items()):
+            self.peak[account_id] = self.in_use(account_id)
+            free = self.free(account_id)
+            lock = self._locks.get(account_id)
+            if free >= peak or (lock is not None and lock.locked()):
+                continue  # enough headroom, or a request is growing it right now
+            if self.unleased.get(account_id) == 0:
+                continue  # nothing left to lease: a request that needs more will ask
+            async with self._lock(account_id):
+                await self._grow(account_id, 2 * peak - free)
+            self.topups += 1
+
+    async def _grow(self, account_id: str, want: int) -> None:
+        granted, unleased = await self.store.lease(self.gateway_id, account_id, want)
+        self.lease[account_id] = self.lease.get(account_id, 0) + granted
+        self.unleased[account_id] = unleased
+
+    def _lock(self, account_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(account_id, asyncio.Lock())
+
     def _take(self, account_id: str, amount: int) -> Reservation:
-        self.reserved[account_id] = self.reserved.get(account_id, 0) + amount
+        reserved = self.reserved.get(account_id, 0) + amount
+        self.reserved[account_id] = reserved
+        in_use = reserved + self.pending.get(account_id, 0)
+        if in_use > self.peak.get(account_id, 0):
+            self.peak[account_id] = in_use
         return Reservation(account_id, amount)
 
     def release(self, reservation: Reservation) -> None:
@@ -125,6 +160,8 @@ class CreditBook:
             if used < cutoff and (free := self.free(account_id)) > 0:
                 amounts[account_id] = free
                 _add(self.lease, account_id, -free)
+            if used < cutoff:
+                self.peak.pop(account_id, None)  # no top-ups for an idle account
             if used < cutoff and not self.lease.get(account_id):
                 del self.last_used[account_id]
                 self._locks.pop(account_id, None)
@@ -207,6 +244,7 @@ class LedgerWriter:
                 await asyncio.sleep(COMMIT_WINDOW_S)
             try:
                 await self.flush()
+                await self.book.top_up()
                 if time.monotonic() - self.last_refresh >= self.refresh_s:
                     await self.refresh()
                 backoff = 0.0

@@ -32,6 +32,8 @@ class Metrics:
         self.estimated = 0
         self.in_flight = 0
         self.ledger_queue = lambda: 0
+        self.lease_waits = lambda: 0
+        self.lease_topups = lambda: 0
         overhead = Histogram(
             "bastion_overhead_seconds",
             "Time Bastion adds to a request, upstream time excluded",
@@ -82,6 +84,16 @@ class _GatewayCollector(Collector):
         yield GaugeMetricFamily("bastion_in_flight", "Requests in flight", value=m.in_flight)
         yield GaugeMetricFamily(
             "bastion_ledger_queue", "Settled rows waiting to be written", value=m.ledger_queue()
+        )
+        yield CounterMetricFamily(
+            "bastion_credit_lease_waits",
+            "Requests that waited for the store to grow their account's credit lease",
+            value=m.lease_waits(),
+        )
+        yield CounterMetricFamily(
+            "bastion_credit_lease_topups",
+            "Credit leases grown in the background, before requests needed it",
+            value=m.lease_topups(),
         )
 
 
