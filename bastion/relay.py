@@ -10,6 +10,7 @@ with a well-formed error event, never a silent truncation.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable
@@ -22,6 +23,12 @@ from aiohttp import web
 from bastion.config import ModelConfig, UpstreamConfig
 from bastion.errors import APIError
 from bastion.metering import Usage, usage_from
+from bastion.upstream_http import (
+    Disconnected,
+    Unreachable,
+    UpstreamClient,
+    UpstreamHTTPError,
+)
 from bastion.upstreams import Replica, UpstreamPool
 
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
@@ -67,7 +74,8 @@ class Relay:
     ) -> None:
         self.upstreams = upstreams
         self.pool = UpstreamPool(upstreams, health_interval_s)
-        self.session: aiohttp.ClientSession | None = None
+        self.session: aiohttp.ClientSession | None = None  # streams, health checks
+        self.json_clients: dict[str, UpstreamClient] = {}  # non-stream calls
         self._base_headers = {
             name: {"Content-Type": "application/json"}
             | ({"Authorization": f"Bearer {u.api_key}"} if u.api_key else {})
@@ -89,18 +97,27 @@ class Relay:
             json_serialize=lambda o: orjson.dumps(o).decode(),
         )
         await self.pool.start(self.session)
+        self.json_clients = {
+            name: UpstreamClient(
+                u.url, self._base_headers[name], u.connect_timeout_s, u.read_timeout_s
+            )
+            for name, u in self.upstreams.items()
+        }
 
     async def close(self) -> None:
         await self.pool.close()
+        for client in self.json_clients.values():
+            await client.close()
         if self.session:
             await self.session.close()
 
     def _headers(self, call: Call) -> dict[str, str]:
         assert call.upstream is not None
-        headers = {**self._base_headers[call.upstream.name], "X-Request-Id": call.request_id}
-        if call.stream:
-            headers["Accept"] = "text/event-stream"
-        return headers
+        return {
+            **self._base_headers[call.upstream.name],
+            "X-Request-Id": call.request_id,
+            "Accept": "text/event-stream",
+        }
 
     async def send(self, request: web.Request, call: Call) -> web.StreamResponse:
         """Try the model's replicas until one answers; retry only before the client got a byte."""
@@ -115,17 +132,23 @@ class Relay:
             call.attempts += 1
             replica.outstanding += 1
             try:
-                return await self._attempt(request, call, replica, path, sent)
+                if call.stream:
+                    return await self._attempt_stream(request, call, replica, path, sent)
+                return await self._attempt_json(call, replica, path, sent)
             except _Retry as retry:
                 error = retry.error
+            except asyncio.CancelledError:  # the client left; the upstream may have begun
+                call.reached = True  # so the ledger records the cancellation (cost 0 if no output)
+                raise
             finally:
                 replica.outstanding -= 1
         assert error is not None
         raise error
 
-    async def _attempt(
+    async def _attempt_stream(
         self, request: web.Request, call: Call, replica: Replica, path: str, sent: float
     ) -> web.StreamResponse:
+        """A stream: aiohttp, relayed event by event once the upstream's headers are in."""
         assert self.session is not None and call.upstream is not None
         try:
             upstream = await self.session.post(
@@ -154,18 +177,41 @@ class Relay:
                     raise _Retry(error)
                 raise error
             self.pool.succeeded(replica)
-            if call.stream:
-                return await self._stream(request, upstream, call)
-            return await self._json(upstream, call)
+            return await self._stream(request, upstream, call)
         finally:
             upstream.close()
             call.upstream_s = time.perf_counter() - sent
 
-    async def _json(self, upstream: aiohttp.ClientResponse, call: Call) -> web.Response:
+    async def _attempt_json(
+        self, call: Call, replica: Replica, path: str, sent: float
+    ) -> web.Response:
+        """A non-stream call: the whole answer through the lean client (upstream_http)."""
+        assert call.upstream is not None
+        client = self.json_clients[call.upstream.name]
         try:
-            data = await upstream.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+            reply = await client.post(path, call.payload, {"X-Request-Id": call.request_id})
+        except Unreachable as exc:
+            self.pool.failed(replica, str(exc))
+            raise _Retry(APIError(502, "upstream_error", f"upstream unreachable: {exc}")) from None
+        except Disconnected as exc:
+            call.reached = True
+            self.pool.failed(replica, str(exc))
+            raise _Retry(APIError(502, "upstream_error", _describe(exc))) from None
+        except UpstreamHTTPError as exc:  # timed out, or not HTTP
+            call.reached = True
             raise APIError(502, "upstream_error", _describe(exc)) from None
+        finally:
+            call.upstream_s = time.perf_counter() - sent
+        call.reached = True
+        call.first_byte_at = reply.headers_at
+        if reply.status >= 400:
+            error = upstream_error(reply.status, reply.body[:65536], call)
+            if reply.status >= 500 and not call.store_true:
+                self.pool.failed(replica, f"status {reply.status}")
+                raise _Retry(error)
+            raise error
+        self.pool.succeeded(replica)
+        data = reply.body
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -392,6 +438,8 @@ async def _read_some(response: aiohttp.ClientResponse, limit: int = 65536) -> by
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UpstreamHTTPError):
+        return str(exc)
     if isinstance(exc, TimeoutError):
         return "upstream timed out"
     text = str(exc) or type(exc).__name__

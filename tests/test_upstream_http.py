@@ -1,0 +1,219 @@
+"""The non-stream upstream client against a scripted TCP server: framing, reuse, failures.
+
+Each test's server answers every request on a connection with the test's ``answer``
+function and records connections and requests, so a test can say how many
+connections were opened and what the client sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from bastion import upstream_http
+from bastion.upstream_http import (
+    Disconnected,
+    ProtocolError,
+    Timeout,
+    Unreachable,
+    UpstreamClient,
+)
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+
+Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
+
+
+@dataclass
+class Server:
+    """Counts connections; ``answer`` returns False to stop serving that connection."""
+
+    answer: Answer
+    connections: int = 0
+    requests: list[bytes] = field(default_factory=list)
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                self.requests.append(head + await reader.readexactly(length))
+                if not await self.answer(reader, writer, len(self.requests)):
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.closed.set()  # the client closed its end
+        finally:
+            writer.close()
+
+
+@contextlib.asynccontextmanager
+async def serve(answer: Answer) -> AsyncIterator[Server]:
+    server = Server(answer)
+    tcp = await asyncio.start_server(server.handle, "127.0.0.1", 0)
+    server.port = tcp.sockets[0].getsockname()[1]
+    try:
+        yield server
+    finally:
+        tcp.close()
+
+
+def client(port: int, read_timeout_s: float = 5.0) -> UpstreamClient:
+    return UpstreamClient(
+        f"http://127.0.0.1:{port}/v1", {"Authorization": "Bearer up"}, 1.0, read_timeout_s
+    )
+
+
+async def ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> bool:
+    writer.write(OK)
+    await writer.drain()
+    return True
+
+
+async def test_post_sends_the_body_and_headers_and_reuses_the_connection():
+    async with serve(ok) as server:
+        c = client(server.port)
+        for _ in range(3):
+            reply = await c.post("/responses", b'{"a":1}', {"X-Request-Id": "req_1"})
+            assert (reply.status, reply.body) == (200, b'{"ok":true}')
+        assert server.connections == 1
+        head, _, body = server.requests[0].partition(b"\r\n\r\n")
+        assert head.startswith(b"POST /v1/responses HTTP/1.1\r\n")
+        assert b"\r\nHost: 127.0.0.1:%d" % server.port in head
+        assert b"\r\nAuthorization: Bearer up" in head and b"\r\nX-Request-Id: req_1" in head
+        assert body == b'{"a":1}'
+        await c.close()
+
+
+async def test_chunked_answers_and_error_statuses_come_back_whole():
+    async def chunked(reader, writer, n) -> bool:
+        writer.write(
+            b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\n{\"a\":\r\n3\r\n42}\r\n0\r\n\r\n"
+        )
+        return True
+
+    async with serve(chunked) as server:
+        reply = await client(server.port).post("/chat/completions", b"{}", {})
+        assert (reply.status, reply.body) == (503, b'{"a":42}')
+
+
+async def test_connection_close_answers_are_not_reused():
+    async def close(reader, writer, n) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        return False
+
+    async with serve(close) as server:
+        c = client(server.port)
+        for _ in range(2):
+            assert (await c.post("/responses", b"{}", {})).body == b"{}"
+        assert server.connections == 2 and not c.idle
+
+
+async def test_an_idle_connection_the_upstream_dropped_is_retried_on_a_fresh_one():
+    async def answer_then_hang_up(reader, writer, n) -> bool:
+        writer.write(OK)  # keep-alive by HTTP/1.1 default, but the server closes anyway
+        await writer.drain()
+        return False
+
+    async with serve(answer_then_hang_up) as server:
+        c = client(server.port)
+        await c.post("/responses", b"{}", {})
+        await asyncio.sleep(0.05)
+        assert (await c.post("/responses", b"{}", {})).status == 200
+        assert server.connections == 2
+
+
+async def test_connections_idle_too_long_are_not_reused(monkeypatch):
+    monkeypatch.setattr(upstream_http, "IDLE_S", 0.05)
+    async with serve(ok) as server:
+        c = client(server.port)
+        await c.post("/responses", b"{}", {})
+        await asyncio.sleep(0.1)
+        await c.post("/responses", b"{}", {})
+        assert server.connections == 2
+
+
+async def test_a_break_mid_answer_is_disconnected_and_not_retried():
+    async def half(reader, writer, n) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial")
+        await writer.drain()
+        return False
+
+    async with serve(half) as server:
+        with pytest.raises(Disconnected):
+            await client(server.port).post("/responses", b"{}", {})
+        assert len(server.requests) == 1
+
+
+async def test_silence_past_the_read_timeout():
+    async def never(reader, writer, n) -> bool:
+        await asyncio.sleep(10)
+        return False
+
+    async with serve(never) as server:
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            await client(server.port, read_timeout_s=0.3).post("/responses", b"{}", {})
+        assert 0.25 < time.monotonic() - started < 2
+
+
+async def test_a_slow_but_steady_answer_is_not_a_timeout():
+    async def trickle(reader, writer, n) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n")
+        for byte in b"{ }\n":
+            await asyncio.sleep(0.15)  # each byte within the timeout, the whole answer not
+            writer.write(bytes([byte]))
+        return True
+
+    async with serve(trickle) as server:
+        reply = await client(server.port, read_timeout_s=0.3).post("/responses", b"{}", {})
+        assert reply.body == b"{ }\n"
+
+
+async def test_nothing_listening_is_unreachable():
+    async with serve(ok) as server:
+        port = server.port
+    with pytest.raises(Unreachable):
+        await client(port).post("/responses", b"{}", {})
+
+
+async def test_not_http_is_a_protocol_error():
+    async def garbage(reader, writer, n) -> bool:
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        return True
+
+    async with serve(garbage) as server:
+        with pytest.raises(ProtocolError):
+            await client(server.port).post("/responses", b"{}", {})
+
+
+async def test_cancelling_the_caller_closes_the_connection():
+    """A client that leaves Bastion must leave the upstream too (it stops generating)."""
+
+    async def never(reader, writer, n) -> bool:
+        await reader.read()  # until the client closes
+        raise ConnectionError
+
+    async with serve(never) as server:
+        c = client(server.port)
+        task = asyncio.create_task(c.post("/responses", b"{}", {}))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(server.closed.wait(), 2)
+        assert not c.idle
+
+
+def test_only_http_urls():
+    with pytest.raises(ValueError):
+        UpstreamClient("ftp://example/v1", {}, 1, 1)
