@@ -6,6 +6,9 @@ byte; a scanner beside the pipe notes usage, counts deltas for estimates, and
 rewrites only what SPEC §1 allows (the model name, the usage chunk Bastion asked
 for on the client's behalf). An upstream that breaks off ends the client's stream
 with a well-formed error event, never a silent truncation.
+
+Requests go upstream through ``upstream_http`` (keep-alive connections, httptools
+framing); aiohttp's client serves only the health checks.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from bastion.config import ModelConfig, UpstreamConfig
 from bastion.errors import APIError
 from bastion.metering import Usage, usage_from
 from bastion.upstream_http import (
+    Answer,
     Disconnected,
+    Reply,
     Unreachable,
     UpstreamClient,
     UpstreamHTTPError,
@@ -35,7 +40,6 @@ _TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
 _SEQ = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 _TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
 _USAGE_NULL = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
-_UNREACHABLE = (aiohttp.ClientConnectorError, aiohttp.ClientConnectorDNSError)
 STREAM_HEADERS = {
     "Content-Type": "text/event-stream",
     "Cache-Control": "no-cache",
@@ -74,50 +78,32 @@ class Relay:
     ) -> None:
         self.upstreams = upstreams
         self.pool = UpstreamPool(upstreams, health_interval_s)
-        self.session: aiohttp.ClientSession | None = None  # streams, health checks
-        self.json_clients: dict[str, UpstreamClient] = {}  # non-stream calls
-        self._base_headers = {
-            name: {"Content-Type": "application/json"}
-            | ({"Authorization": f"Bearer {u.api_key}"} if u.api_key else {})
-            for name, u in upstreams.items()
-        }
-        self.timeouts = {
-            name: aiohttp.ClientTimeout(
-                total=None, sock_connect=u.connect_timeout_s, sock_read=u.read_timeout_s
-            )
-            for name, u in upstreams.items()
-        }
+        self.session: aiohttp.ClientSession | None = None  # health checks and /readyz probes
+        self.clients: dict[str, UpstreamClient] = {}  # requests, one keep-alive pool each
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=30)
         self.session = aiohttp.ClientSession(
-            connector=connector,
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding"),
-            json_serialize=lambda o: orjson.dumps(o).decode(),
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            skip_auto_headers=("User-Agent",),
         )
         await self.pool.start(self.session)
-        self.json_clients = {
+        self.clients = {
             name: UpstreamClient(
-                u.url, self._base_headers[name], u.connect_timeout_s, u.read_timeout_s
+                u.url,
+                {"Content-Type": "application/json"}
+                | ({"Authorization": f"Bearer {u.api_key}"} if u.api_key else {}),
+                u.connect_timeout_s,
+                u.read_timeout_s,
             )
             for name, u in self.upstreams.items()
         }
 
     async def close(self) -> None:
         await self.pool.close()
-        for client in self.json_clients.values():
+        for client in self.clients.values():
             await client.close()
         if self.session:
             await self.session.close()
-
-    def _headers(self, call: Call) -> dict[str, str]:
-        assert call.upstream is not None
-        return {
-            **self._base_headers[call.upstream.name],
-            "X-Request-Id": call.request_id,
-            "Accept": "text/event-stream",
-        }
 
     async def send(self, request: web.Request, call: Call) -> web.StreamResponse:
         """Try the model's replicas until one answers; retry only before the client got a byte."""
@@ -132,9 +118,7 @@ class Relay:
             call.attempts += 1
             replica.outstanding += 1
             try:
-                if call.stream:
-                    return await self._attempt_stream(request, call, replica, path, sent)
-                return await self._attempt_json(call, replica, path, sent)
+                return await self._attempt(request, call, replica, path, sent)
             except _Retry as retry:
                 error = retry.error
             except asyncio.CancelledError:  # the client left; the upstream may have begun
@@ -145,73 +129,54 @@ class Relay:
         assert error is not None
         raise error
 
-    async def _attempt_stream(
+    async def _attempt(
         self, request: web.Request, call: Call, replica: Replica, path: str, sent: float
     ) -> web.StreamResponse:
-        """A stream: aiohttp, relayed event by event once the upstream's headers are in."""
-        assert self.session is not None and call.upstream is not None
-        try:
-            upstream = await self.session.post(
-                call.upstream.url + path,
-                data=call.payload,
-                headers=self._headers(call),
-                timeout=self.timeouts[call.upstream.name],
-            )
-        except _UNREACHABLE as exc:
-            self.pool.failed(replica, str(exc))
-            raise _Retry(APIError(502, "upstream_error", f"upstream unreachable: {exc}")) from None
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-            call.reached = True
-            self.pool.failed(replica, str(exc))
-            raise _Retry(APIError(502, "upstream_error", _describe(exc))) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            call.reached = True
-            raise APIError(502, "upstream_error", _describe(exc)) from None
-        call.reached = True
-        call.first_byte_at = time.perf_counter()
-        try:
-            if upstream.status >= 400:
-                error = upstream_error(upstream.status, await _read_some(upstream), call)
-                if upstream.status >= 500 and not call.store_true:
-                    self.pool.failed(replica, f"status {upstream.status}")
-                    raise _Retry(error)
-                raise error
-            self.pool.succeeded(replica)
-            return await self._stream(request, upstream, call)
-        finally:
-            upstream.close()
-            call.upstream_s = time.perf_counter() - sent
-
-    async def _attempt_json(
-        self, call: Call, replica: Replica, path: str, sent: float
-    ) -> web.Response:
-        """A non-stream call: the whole answer through the lean client (upstream_http)."""
+        """One replica: send, then relay its answer (whole JSON, or a stream as it comes)."""
         assert call.upstream is not None
-        client = self.json_clients[call.upstream.name]
+        client = self.clients[call.upstream.name]
+        headers = {"X-Request-Id": call.request_id}
+        answer: Reply | Answer
         try:
-            reply = await client.post(path, call.payload, {"X-Request-Id": call.request_id})
+            if call.stream:
+                headers["Accept"] = "text/event-stream"
+                answer = await client.open(path, call.payload, headers)
+            else:
+                answer = await client.post(path, call.payload, headers)
         except Unreachable as exc:
             self.pool.failed(replica, str(exc))
             raise _Retry(APIError(502, "upstream_error", f"upstream unreachable: {exc}")) from None
         except Disconnected as exc:
             call.reached = True
             self.pool.failed(replica, str(exc))
-            raise _Retry(APIError(502, "upstream_error", _describe(exc))) from None
+            raise _Retry(APIError(502, "upstream_error", str(exc))) from None
         except UpstreamHTTPError as exc:  # timed out, or not HTTP
             call.reached = True
             raise APIError(502, "upstream_error", _describe(exc)) from None
         finally:
             call.upstream_s = time.perf_counter() - sent
         call.reached = True
-        call.first_byte_at = reply.headers_at
-        if reply.status >= 400:
-            error = upstream_error(reply.status, reply.body[:65536], call)
-            if reply.status >= 500 and not call.store_true:
-                self.pool.failed(replica, f"status {reply.status}")
-                raise _Retry(error)
-            raise error
-        self.pool.succeeded(replica)
-        data = reply.body
+        call.first_byte_at = answer.headers_at
+        try:
+            if answer.status >= 400:
+                body = answer.body if isinstance(answer, Reply) else await _read_some(answer)
+                error = upstream_error(answer.status, body[:65536], call)
+                if answer.status >= 500 and not call.store_true:
+                    self.pool.failed(replica, f"status {answer.status}")
+                    raise _Retry(error)
+                raise error
+            self.pool.succeeded(replica)
+            if isinstance(answer, Reply):
+                return self._json(answer.body, call)
+            response = await self._stream(request, answer, call)
+            call.upstream_s = time.perf_counter() - sent
+            return response
+        finally:
+            if isinstance(answer, Answer):
+                answer.release()  # reused if the stream was read to its end, else closed
+
+    @staticmethod
+    def _json(data: bytes, call: Call) -> web.Response:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -225,7 +190,7 @@ class Relay:
         return web.Response(body=data, status=200, headers=call.headers)
 
     async def _stream(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, call: Call
+        self, request: web.Request, upstream: Answer, call: Call
     ) -> web.StreamResponse:
         scanner = ResponsesScanner(call) if call.endpoint == "responses" else ChatScanner(call)
         response = web.StreamResponse(status=200, headers={**STREAM_HEADERS, **call.headers})
@@ -243,7 +208,7 @@ class Relay:
 
     @staticmethod
     async def _pipe(
-        upstream: aiohttp.ClientResponse,
+        upstream: Answer,
         response: web.StreamResponse,
         scanner: ResponsesScanner | ChatScanner,
         call: Call,
@@ -251,7 +216,7 @@ class Relay:
         """Relay whole SSE events as they come; returns why the upstream failed, or ''."""
         buffer = b""
         try:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await upstream.read():
                 buffer += chunk
                 out = []
                 start = 0
@@ -263,13 +228,10 @@ class Relay:
                 buffer = buffer[start:]
                 if out:
                     await _send(response.write(out[0] if len(out) == 1 else b"".join(out)))
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-            return f"upstream broke off the stream: {_describe(exc)}"
-        except TimeoutError:
-            assert call.upstream is not None
-            return f"upstream sent nothing for {call.upstream.read_timeout_s:g}s"
-        except aiohttp.ClientError as exc:
-            return _describe(exc)
+        except Disconnected as exc:
+            return f"upstream broke off the stream: {exc}"
+        except UpstreamHTTPError as exc:  # silent past the read timeout, or not HTTP
+            return str(exc)
         return "" if scanner.finished else "upstream closed the stream before it finished"
 
 
@@ -430,11 +392,15 @@ def _error_object(message: str) -> dict[str, object]:
     return {"type": "upstream_error", "code": "upstream_error", "message": message, "param": None}
 
 
-async def _read_some(response: aiohttp.ClientResponse, limit: int = 65536) -> bytes:
+async def _read_some(answer: Answer, limit: int = 65536) -> bytes:
+    """The start of an error answer's body (what a message can be made of)."""
+    body = b""
     try:
-        return await response.content.read(limit)
-    except (aiohttp.ClientError, TimeoutError):
-        return b""
+        while len(body) < limit and (chunk := await answer.read()):
+            body += chunk
+    except UpstreamHTTPError:
+        pass
+    return body
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,18 +1,18 @@
-"""A small HTTP/1.1 client for upstream JSON calls: keep-alive POSTs, parsed by httptools.
+"""A small HTTP/1.1 client for the upstream: keep-alive POSTs, parsed by httptools.
 
-Non-stream requests are the gateway's costliest path, and most of their CPU was the
-upstream client: aiohttp's ClientSession spends ~80–110 µs per POST on this machine,
-this client ~15 µs (docs/choices.md, ``bench/candidates/clients.py``). It does only
-what the relay needs: POST a body, read the whole answer, reuse connections. The HTTP
-framing (status line, headers, Content-Length, chunked, keep-alive) is httptools'
-(llhttp, the parser of Node.js and uvicorn); what is left here is the connection pool
-and the timeouts. Streams keep using aiohttp, which is the better streaming client.
+The upstream client was most of a request's CPU: aiohttp's ClientSession spends
+~80–110 µs per POST on this machine, this client ~15 µs (docs/choices.md,
+``bench/candidates/clients.py``). It does only what the relay needs — POST a body,
+then read the answer whole (``post``) or as it arrives (``open``), and reuse
+connections. The HTTP framing (status line, headers, Content-Length, chunked,
+keep-alive) is httptools' (llhttp, the parser of Node.js and uvicorn); what is left
+here is the connection pool, backpressure and the timeouts.
 
 Errors say whether the request may have reached the upstream: ``Unreachable`` (it
 did not: connect refused or timed out), ``Disconnected`` (the connection broke
 before the whole answer came), ``Timeout`` (silence past the read timeout),
-``ProtocolError`` (not HTTP, or too large). A request whose task is cancelled closes
-its connection, so the upstream sees the client leave.
+``ProtocolError`` (not HTTP, or too large). A caller that is cancelled, or stops
+reading a streamed answer, closes the connection: the upstream sees the client leave.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 import httptools
 
 IDLE_S = 4.0  # idle connections older than this are not reused (uvicorn, under vLLM, closes at 5)
-MAX_BODY = 64 * 1024 * 1024
+MAX_BODY = 64 * 1024 * 1024  # a whole answer (``post``) larger than this is refused
+HIGH_WATER = 256 * 1024  # a streamed answer buffered past this pauses reading the socket
 
 
 class UpstreamHTTPError(Exception):
@@ -51,26 +52,43 @@ class ProtocolError(UpstreamHTTPError):
 
 @dataclass(slots=True)
 class Reply:
+    """A whole answer."""
+
     status: int
     body: bytes
     headers_at: float  # perf_counter when the status line and headers were in
 
 
 class _Connection(asyncio.Protocol):
-    """One keep-alive connection; answers one request at a time."""
+    """One keep-alive connection, one exchange at a time."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.waiter: asyncio.Future[Reply] | None = None
+        self.streaming = False  # this exchange hands out the body as it comes
+        self.waiter: asyncio.Future[Reply | int] | None = None  # whole answer, or status
+        self.reader: asyncio.Future[None] | None = None  # a streamed read waiting for bytes
+        self.error: UpstreamHTTPError | None = None
         self.chunks: list[bytes] = []
         self.size = 0
+        self.paused = False
+        self.complete = False  # the current answer has fully arrived
         self.headers_at = 0.0
         self.last_read = 0.0
         self.idle_since = 0.0
         self.answered = False  # a byte of the current answer has arrived
         self.keep_alive = False  # the last answer allows another request on this connection
         self.closed = False
+        self.timer: asyncio.TimerHandle | None = None  # the read-timeout check, if armed
+
+    def start(self, streaming: bool) -> asyncio.Future[Reply | int]:
+        loop = asyncio.get_running_loop()
+        self.streaming = streaming
+        self.waiter = loop.create_future()
+        self.error = None
+        self.complete = self.answered = False
+        self.last_read = time.monotonic()
+        return self.waiter
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -82,47 +100,112 @@ class _Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"upstream sent invalid HTTP: {exc}"))
+            self.fail(ProtocolError(f"upstream sent invalid HTTP: {exc}"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        why = f": {exc}" if exc else ""
-        self._fail(Disconnected(f"upstream closed the connection{why}"))
+        if not self.complete:
+            why = f": {exc}" if exc else ""
+            self.fail(Disconnected(f"upstream closed the connection{why}"))
 
     # -- httptools callbacks
     def on_headers_complete(self) -> None:
         self.headers_at = time.perf_counter()
+        if self.streaming:
+            self._resolve(self.parser.get_status_code())
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
-        if self.size > MAX_BODY:
-            self._fail(ProtocolError(f"upstream answer is over {MAX_BODY} bytes"))
-        else:
-            self.chunks.append(body)
+        self.chunks.append(body)
+        if not self.streaming:
+            if self.size > MAX_BODY:
+                self.fail(ProtocolError(f"upstream answer is over {MAX_BODY} bytes"))
+            return
+        if self.size > HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
 
     def on_message_complete(self) -> None:
         self.keep_alive = self.parser.should_keep_alive()  # valid only inside this callback
-        waiter, self.waiter = self.waiter, None
-        status = self.parser.get_status_code()
-        body = b"".join(self.chunks)
-        self.chunks, self.size = [], 0
-        if waiter is not None and not waiter.done():
-            waiter.set_result(Reply(status, body, self.headers_at))
+        self.complete = True
+        if self.streaming:
+            self._wake()
+        else:
+            body = self.take()
+            self._resolve(Reply(self.parser.get_status_code(), body, self.headers_at))
 
     # -- ours
-    def _fail(self, error: UpstreamHTTPError) -> None:
+    def take(self) -> bytes:
+        body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks, self.size = [], 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return body
+
+    def _resolve(self, result: Reply | int) -> None:
+        waiter, self.waiter = self.waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(result)
+
+    def _wake(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None and not reader.done():
+            reader.set_result(None)
+
+    def fail(self, error: UpstreamHTTPError) -> None:
+        if self.error is None:
+            self.error = error
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
+        self._wake()  # a waiting reader finds self.error
         self.close()
 
     def close(self) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         if self.transport is not None:
             self.transport.close()
 
-    def reusable(self) -> bool:
-        return not self.closed and self.keep_alive
+
+class Answer:
+    """A streamed answer: status and headers are in, the body arrives through ``read``."""
+
+    def __init__(self, client: UpstreamClient, conn: _Connection, status: int) -> None:
+        self.status = status
+        self.headers_at = conn.headers_at
+        self._client = client
+        self._conn: _Connection | None = conn
+
+    async def read(self) -> bytes:
+        """What has arrived since the last read (waiting for it); b"" once the answer is whole."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        while not conn.chunks:
+            if conn.error is not None:
+                raise conn.error
+            if conn.complete:
+                self.release()
+                return b""
+            conn.reader = asyncio.get_running_loop().create_future()
+            try:
+                await conn.reader
+            except BaseException:  # cancelled: the client left
+                self._conn = None
+                conn.close()
+                raise
+        return conn.take()
+
+    def release(self) -> None:
+        """Done with the answer: its connection is reused if the answer was whole, else closed."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._client.done(conn)
 
 
 class UpstreamClient:
@@ -151,6 +234,36 @@ class UpstreamClient:
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> Reply:
         """POST ``body`` to prefix + ``path``; the whole answer, any status."""
+        conn, reply = await self._send(path, body, headers, streaming=False)
+        assert isinstance(reply, Reply)
+        self.done(conn)
+        return reply
+
+    async def open(self, path: str, body: bytes, headers: dict[str, str]) -> Answer:
+        """POST, and return as soon as the status line and headers are in.
+
+        The caller reads the body with ``Answer.read`` and must ``release`` it (reading
+        to the end releases it too)."""
+        conn, status = await self._send(path, body, headers, streaming=True)
+        assert isinstance(status, int)
+        return Answer(self, conn, status)
+
+    async def close(self) -> None:
+        for conn in self.idle:
+            conn.close()
+        self.idle.clear()
+
+    def done(self, conn: _Connection) -> None:
+        """Back to the pool if the answer is whole and the upstream keeps the connection."""
+        if conn.complete and conn.keep_alive and not conn.closed:
+            conn.idle_since = time.monotonic()
+            self.idle.append(conn)
+        else:
+            conn.close()
+
+    async def _send(
+        self, path: str, body: bytes, headers: dict[str, str], streaming: bool
+    ) -> tuple[_Connection, Reply | int]:
         extra = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items())
         request = b"POST %s%s HTTP/1.1\r\n%s%sContent-Length: %d\r\n\r\n" % (
             self.prefix,
@@ -162,18 +275,14 @@ class UpstreamClient:
         conn = self._checkout()
         if conn is not None:
             try:
-                return await self._exchange(conn, request, body)
+                return conn, await self._exchange(conn, request, body, streaming)
             except Disconnected:
                 if conn.answered:
                     raise
                 # the upstream closed this idle connection as we sent: nothing was
                 # answered, so ask once more on a fresh one
-        return await self._exchange(await self._connect(), request, body)
-
-    async def close(self) -> None:
-        for conn in self.idle:
-            conn.close()
-        self.idle.clear()
+        conn = await self._connect()
+        return conn, await self._exchange(conn, request, body, streaming)
 
     def _checkout(self) -> _Connection | None:
         cutoff = time.monotonic() - IDLE_S
@@ -200,35 +309,32 @@ class UpstreamClient:
             raise Unreachable(f"cannot connect to {self.host}:{self.port}: {exc}") from None
         return conn
 
-    async def _exchange(self, conn: _Connection, request: bytes, body: bytes) -> Reply:
-        loop = asyncio.get_running_loop()
-        conn.waiter = waiter = loop.create_future()
-        conn.answered = False
-        conn.last_read = time.monotonic()
+    async def _exchange(
+        self, conn: _Connection, request: bytes, body: bytes, streaming: bool
+    ) -> Reply | int:
+        waiter = conn.start(streaming)
         assert conn.transport is not None
         conn.transport.writelines((request, body))
-        timer = loop.call_later(self.read_timeout_s, self._check_silence, conn, waiter)
+        if conn.timer is None:  # else the pending check re-arms itself from last_read
+            loop = asyncio.get_running_loop()
+            conn.timer = loop.call_later(self.read_timeout_s, self._check_silence, conn)
         try:
-            reply = await waiter
+            return await waiter
         except BaseException:  # cancelled, timed out, broken: this connection is done
             conn.close()
             raise
-        finally:
-            timer.cancel()
-        if conn.reusable():
-            conn.idle_since = time.monotonic()
-            self.idle.append(conn)
-        else:
-            conn.close()
-        return reply
 
-    def _check_silence(self, conn: _Connection, waiter: asyncio.Future[Reply]) -> None:
-        """Fires read_timeout after the last byte came: fail, or look again later."""
-        if waiter.done():
+    def _check_silence(self, conn: _Connection) -> None:
+        """Fires read_timeout after the last byte came: fail, or look again later.
+
+        One timer per exchange, re-armed lazily; time spent paused (the client reads
+        slower than the upstream writes) is not the upstream's silence."""
+        conn.timer = None
+        if conn.complete or conn.closed:
             return
-        silent = time.monotonic() - conn.last_read
+        silent = 0.0 if conn.paused else time.monotonic() - conn.last_read
         if silent >= self.read_timeout_s:
-            conn._fail(Timeout(f"upstream sent nothing for {self.read_timeout_s:g}s"))
+            conn.fail(Timeout(f"upstream sent nothing for {self.read_timeout_s:g}s"))
         else:
             loop = asyncio.get_running_loop()
-            loop.call_later(self.read_timeout_s - silent, self._check_silence, conn, waiter)
+            conn.timer = loop.call_later(self.read_timeout_s - silent, self._check_silence, conn)

@@ -24,7 +24,7 @@ from bastion.upstream_http import (
     UpstreamClient,
 )
 
-OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+OK = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"ok":true}'
 
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[bool]]
 
@@ -96,7 +96,7 @@ async def test_chunked_answers_and_error_statuses_come_back_whole():
     async def chunked(reader, writer, n) -> bool:
         writer.write(
             b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n"
-            b"5\r\n{\"a\":\r\n3\r\n42}\r\n0\r\n\r\n"
+            b'5\r\n{"a":\r\n3\r\n42}\r\n0\r\n\r\n'
         )
         return True
 
@@ -144,7 +144,7 @@ async def test_connections_idle_too_long_are_not_reused(monkeypatch):
 
 async def test_a_break_mid_answer_is_disconnected_and_not_retried():
     async def half(reader, writer, n) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial")
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial')
         await writer.drain()
         return False
 
@@ -217,3 +217,120 @@ async def test_cancelling_the_caller_closes_the_connection():
 def test_only_http_urls():
     with pytest.raises(ValueError):
         UpstreamClient("ftp://example/v1", {}, 1, 1)
+
+
+# ---- streamed answers (``open``) ---------------------------------------------------------
+
+
+def sse_head(extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n" + extra + b"\r\n"
+
+
+async def test_a_streamed_answer_arrives_piece_by_piece_and_then_reuses_the_connection():
+    async def events(reader, writer, n) -> bool:
+        writer.write(sse_head(b"Transfer-Encoding: chunked\r\n"))
+        for i in range(3):
+            await asyncio.sleep(0.05)
+            data = b"data: %d\n\n" % i
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        return True
+
+    async with serve(events) as server:
+        c = client(server.port)
+        answer = await c.open("/responses", b"{}", {"Accept": "text/event-stream"})
+        assert answer.status == 200
+        pieces = []
+        while piece := await answer.read():
+            pieces.append((time.monotonic(), piece))
+        assert b"".join(p for _, p in pieces) == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+        assert len(pieces) == 3 and pieces[-1][0] - pieces[0][0] > 0.08  # as they came
+        assert len(c.idle) == 1  # read to the end: back in the pool
+        second = await c.open("/responses", b"{}", {})
+        while await second.read():
+            pass
+        assert server.connections == 1
+
+
+async def test_a_stream_left_unfinished_closes_its_connection():
+    async def endless(reader, writer, n) -> bool:
+        writer.write(sse_head(b"Transfer-Encoding: chunked\r\n"))
+        while True:
+            writer.write(b"8\r\ndata: x\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.01)
+
+    async with serve(endless) as server:
+        c = client(server.port)
+        answer = await c.open("/responses", b"{}", {})
+        assert await answer.read()
+        answer.release()
+        await asyncio.wait_for(server.closed.wait(), 2)
+        assert not c.idle
+
+
+async def test_cancelling_a_streamed_read_closes_the_connection():
+    async def one_then_silence(reader, writer, n) -> bool:
+        writer.write(sse_head(b"Transfer-Encoding: chunked\r\n") + b"8\r\ndata: x\n\r\n")
+        await reader.read()
+        raise ConnectionError
+
+    async with serve(one_then_silence) as server:
+        answer = await client(server.port).open("/responses", b"{}", {})
+        assert await answer.read() == b"data: x\n"
+        task = asyncio.create_task(answer.read())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.wait_for(server.closed.wait(), 2)
+
+
+async def test_a_stream_cut_mid_way_raises_after_what_came():
+    async def cut(reader, writer, n) -> bool:
+        writer.write(sse_head(b"Transfer-Encoding: chunked\r\n") + b"8\r\ndata: x\n\r\n")
+        await writer.drain()
+        return False  # closes without the last chunk
+
+    async with serve(cut) as server:
+        answer = await client(server.port).open("/responses", b"{}", {})
+        assert await answer.read() == b"data: x\n"
+        with pytest.raises(Disconnected):
+            await answer.read()
+
+
+async def test_a_stream_silent_past_the_read_timeout_between_events():
+    async def stall(reader, writer, n) -> bool:
+        writer.write(sse_head(b"Transfer-Encoding: chunked\r\n") + b"8\r\ndata: x\n\r\n")
+        await asyncio.sleep(10)
+        return False
+
+    async with serve(stall) as server:
+        answer = await client(server.port, read_timeout_s=0.3).open("/responses", b"{}", {})
+        assert await answer.read() == b"data: x\n"
+        started = time.monotonic()
+        with pytest.raises(Timeout):
+            await answer.read()
+        assert time.monotonic() - started < 2
+
+
+async def test_a_slow_reader_pauses_the_upstream_without_timing_it_out(monkeypatch):
+    """Backpressure: past HIGH_WATER unread bytes the socket is not read; that is no silence."""
+    monkeypatch.setattr(upstream_http, "HIGH_WATER", 1024)
+    size = 4_000_000
+
+    async def flood(reader, writer, n) -> bool:
+        writer.write(sse_head(b"Content-Length: %d\r\n" % size) + b"x" * size)
+        await writer.drain()
+        return True
+
+    async with serve(flood) as server:
+        answer = await client(server.port, read_timeout_s=0.3).open("/responses", b"{}", {})
+        first = await answer.read()
+        await asyncio.sleep(0.6)  # a slow client: twice the read timeout without reading
+        assert answer._conn is not None and answer._conn.size < size // 4  # the socket waits
+        rest = b""
+        while piece := await answer.read():
+            rest += piece
+        assert len(first) + len(rest) == size
