@@ -225,7 +225,8 @@ class UpstreamClient:
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.ssl = ssl.create_default_context() if url.scheme == "https" else None
         self.prefix = url.path.rstrip("/").encode()
-        host = self.host if url.port is None else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        host = host if url.port is None else f"{host}:{self.port}"
         fixed = {"Host": host, **headers}
         self.head = b"".join(f"{k}: {v}\r\n".encode("latin-1") for k, v in fixed.items())
         self.connect_timeout_s = connect_timeout_s

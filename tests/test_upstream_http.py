@@ -214,9 +214,16 @@ async def test_cancelling_the_caller_closes_the_connection():
         assert not c.idle
 
 
-def test_only_http_urls():
+def test_only_http_urls_and_a_host_header_for_each_form():
     with pytest.raises(ValueError):
         UpstreamClient("ftp://example/v1", {}, 1, 1)
+    for url, host in [
+        ("http://vllm.internal/v1", b"Host: vllm.internal\r\n"),
+        ("https://vllm.internal:8443/v1", b"Host: vllm.internal:8443\r\n"),
+        ("http://[::1]:8000/v1", b"Host: [::1]:8000\r\n"),
+    ]:
+        c = UpstreamClient(url, {}, 1, 1)
+        assert c.head == host and c.prefix == b"/v1"
 
 
 # ---- streamed answers (``open``) ---------------------------------------------------------
