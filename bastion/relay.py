@@ -107,7 +107,7 @@ class Relay:
 
     async def send(self, request: web.Request, call: Call) -> web.StreamResponse:
         """Try the model's replicas until one answers; retry only before the client got a byte."""
-        assert self.session is not None
+        assert self.clients, "Relay.start() first"
         path = "/responses" if call.endpoint == "responses" else "/chat/completions"
         tried: set[str] = set()
         sent = time.perf_counter()
@@ -152,7 +152,7 @@ class Relay:
             raise _Retry(APIError(502, "upstream_error", str(exc))) from None
         except UpstreamHTTPError as exc:  # timed out, or not HTTP
             call.reached = True
-            raise APIError(502, "upstream_error", _describe(exc)) from None
+            raise APIError(502, "upstream_error", str(exc)) from None
         finally:
             call.upstream_s = time.perf_counter() - sent
         call.reached = True
@@ -401,12 +401,3 @@ async def _read_some(answer: Answer, limit: int = 65536) -> bytes:
     except UpstreamHTTPError:
         pass
     return body
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, UpstreamHTTPError):
-        return str(exc)
-    if isinstance(exc, TimeoutError):
-        return "upstream timed out"
-    text = str(exc) or type(exc).__name__
-    return f"upstream connection failed: {text}"

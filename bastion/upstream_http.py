@@ -328,7 +328,7 @@ class UpstreamClient:
     def _check_silence(self, conn: _Connection) -> None:
         """Fires read_timeout after the last byte came: fail, or look again later.
 
-        One timer per exchange, re-armed lazily; time spent paused (the client reads
+        At most one timer per connection, re-armed lazily; time spent paused (the client reads
         slower than the upstream writes) is not the upstream's silence."""
         conn.timer = None
         if conn.complete or conn.closed:

@@ -198,8 +198,9 @@ def test_502_upstream_errors(gateway):
         with pytest.raises(openai.InternalServerError) as err:
             c.responses.create(model=model, input="x", max_output_tokens=16)
         assert err.value.status_code == 502 and err.value.code == "upstream_error", model
-    with pytest.raises(openai.InternalServerError):
+    with pytest.raises(openai.InternalServerError) as err:
         c.chat.completions.create(model="fault-hang", messages=[{"role": "user", "content": "x"}])
+    assert err.value.status_code == 502 and "sent nothing for 1s" in err.value.message
     # nothing was produced, so nothing is charged; rows exist for what reached the upstream
     rows = gateway.settled(account, 5)
     assert all(r.cost == 0 and r.status == "502" for r in rows)
