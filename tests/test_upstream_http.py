@@ -132,6 +132,23 @@ async def test_an_idle_connection_the_upstream_dropped_is_retried_on_a_fresh_one
         assert server.connections == 2
 
 
+async def test_a_reused_connection_closed_without_an_answer_is_asked_once_more():
+    """The race the check above cannot see: the upstream closes as the request goes out."""
+
+    async def close_on_the_second(reader, writer, n) -> bool:
+        if n == 2:
+            return False  # read the request, close without a byte of answer
+        writer.write(OK)
+        await writer.drain()
+        return True
+
+    async with serve(close_on_the_second) as server:
+        c = client(server.port)
+        await c.post("/responses", b"{}", {})
+        assert (await c.post("/responses", b"{}", {})).status == 200
+        assert (server.connections, len(server.requests)) == (2, 3)
+
+
 async def test_connections_idle_too_long_are_not_reused(monkeypatch):
     monkeypatch.setattr(upstream_http, "IDLE_S", 0.05)
     async with serve(ok) as server:
