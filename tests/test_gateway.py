@@ -258,6 +258,9 @@ def test_health_readiness_and_metrics_need_no_key(gateway):
     metrics = httpx.get(gateway.root + "/metrics").text
     assert "bastion_requests_total" in metrics
     assert "bastion_overhead_seconds_bucket" in metrics
+    assert "bastion_time_to_first_byte_seconds_bucket" in metrics
+    assert "bastion_credit_lease_waits_total" in metrics
+    assert "bastion_credit_lease_topups_total" in metrics
 
 
 def test_default_output_cap_is_sent_upstream(gateway):
