@@ -17,7 +17,7 @@ from openai.types import chat as chat_types
 from openai.types import responses as rt
 from simhelpers import SimServer
 
-from bastion.sim import input_tokens_for, plan_reply, reply_text, usage_for
+from bastion.sim import input_tokens_for, plan_reply, reply_text, reported_usage, usage_for
 
 TOOLS_FLAT = [
     {
@@ -536,3 +536,183 @@ async def test_many_concurrent_streams_keep_pace(sim: SimServer) -> None:
     assert all(n == 20 for n, _ in results)
     assert min(d for _, d in results) >= 0.38
     assert max(d for _, d in results) < 3.0  # loose: shared CI cores
+
+
+# ---------------------------------------------------------------- usage details and bogus usage
+
+
+def _sdk(body: dict[str, Any]) -> dict[str, Any]:
+    """SDK keyword arguments for a body: its `sim` object goes in `extra_body`."""
+    rest = {k: v for k, v in body.items() if k != "sim"}
+    return rest | ({"extra_body": {"sim": body["sim"]}} if "sim" in body else {})
+
+
+def _raw_chunks(raw: bytes) -> list[dict[str, Any]]:
+    """The JSON objects of a raw chat stream (not `[DONE]`), key order kept."""
+    return [json.loads(line[6:]) for line in raw.decode().split("\n\n") if line[6:7] == "{"]
+
+
+def test_cached_tokens_responses(client: openai.OpenAI) -> None:
+    body = {"model": "m", "input": "a question long enough to cache"}
+    n_in = input_tokens_for(body)
+    res = client.responses.create(**body, extra_body={"sim": {"cached_tokens": 3}})
+    assert res.usage is not None and res.usage.input_tokens == n_in
+    assert res.usage.input_tokens_details.cached_tokens == 3
+    assert res.usage.input_tokens_details.cache_write_tokens == 0
+    assert reported_usage({**body, "sim": {"cached_tokens": 3}}).cached_tokens == 3
+    headers = {"x-sim-cached-tokens": "100000"}  # capped at the input tokens
+    events = _events(client, **body, extra_headers=headers)
+    _check_typed(events)
+    done = events[-1].response.usage
+    assert done.input_tokens_details.cached_tokens == n_in == done.input_tokens
+    assert reported_usage(body, cached_tokens=100000).cached_tokens == n_in
+    events = _events(client, **body, max_output_tokens=2, extra_headers=headers)
+    assert isinstance(events[-1], rt.ResponseIncompleteEvent)
+    assert events[-1].response.usage.input_tokens_details.cached_tokens == n_in
+    plain = client.responses.create(**body)  # default: 0, details still present
+    assert plain.usage is not None and plain.usage.input_tokens_details.cached_tokens == 0
+
+
+def test_cached_tokens_chat(client: openai.OpenAI, sim: SimServer) -> None:
+    body = _chat_body(stream_options={"include_usage": True})
+    res = client.chat.completions.create(**body, extra_headers={"x-sim-cached-tokens": "4"})
+    assert res.usage is not None and res.usage.prompt_tokens_details is not None
+    assert res.usage.prompt_tokens_details.cached_tokens == 4
+    assert res.usage.completion_tokens_details is None
+    chunks = list(
+        client.chat.completions.create(**_sdk(body | {"sim": {"cached_tokens": 4}}), stream=True)
+    )
+    u = chunks[-1].usage
+    assert u is not None and u.prompt_tokens_details is not None
+    assert u.prompt_tokens_details.cached_tokens == 4
+    assert (u.prompt_tokens, u.completion_tokens) == usage_for(body)
+    url = sim.base_url + "/chat/completions"
+    for extra in ({}, {"sim": {"cached_tokens": 0}}):  # like vLLM: no details when 0
+        status, raw = _http(url, body | extra)
+        assert status == 200 and "prompt_tokens_details" not in json.loads(raw)["usage"]
+        raw = _http(url, body | extra | {"stream": True})[1]
+        assert "prompt_tokens_details" not in _raw_chunks(raw)[-1]["usage"]
+    assert _http(url, body, {"x-sim-cached-tokens": "-1"})[0] == 400
+
+
+def test_reasoning_tokens(client: openai.OpenAI, sim: SimServer) -> None:
+    body = {"model": "m", "input": "think hard", "sim": {"tokens": 10, "reasoning_tokens": 6}}
+    res = client.responses.create(**_sdk(body))
+    assert res.usage is not None and res.usage.output_tokens == 10  # part of the output
+    assert res.usage.output_tokens_details.reasoning_tokens == 6
+    assert res.output_text == reply_text(body)
+    events = _events(client, model="m", input="x", extra_headers={"x-sim-reasoning-tokens": "99"})
+    done = events[-1].response.usage
+    assert done.output_tokens_details.reasoning_tokens == done.output_tokens == 16
+    chat = _chat_body(stream_options={})
+    res_c = client.chat.completions.create(**chat, extra_body={"sim": {"reasoning_tokens": 5}})
+    assert res_c.usage is not None and res_c.usage.completion_tokens == 16
+    assert res_c.usage.completion_tokens_details is not None
+    assert res_c.usage.completion_tokens_details.reasoning_tokens == 5
+    assert res_c.usage.prompt_tokens_details is None
+    headers = {"x-sim-reasoning-tokens": "5", "x-sim-cached-tokens": "2"}
+    chunks = list(client.chat.completions.create(**chat, stream=True, extra_headers=headers))
+    u = chunks[-1].usage
+    assert u is not None and u.completion_tokens_details is not None
+    assert u.completion_tokens_details.reasoning_tokens == 5
+    assert u.prompt_tokens_details is not None and u.prompt_tokens_details.cached_tokens == 2
+    raw = _http(sim.base_url + "/chat/completions", chat)[1]  # 0: omitted
+    assert "completion_tokens_details" not in json.loads(raw)["usage"]
+
+
+def test_report_overrides_usage(client: openai.OpenAI, sim: SimServer) -> None:
+    report = {"input_tokens": 10**19, "output_tokens": -7, "cached_tokens": 2**64 - 1}
+    body = {"model": "m", "input": "Reply with: same text", "sim": {"report": report}}
+    res = client.responses.create(**_sdk(body))
+    assert res.output_text == "same text"  # generation unchanged
+    u = res.usage
+    assert u is not None and (u.input_tokens, u.output_tokens) == (10**19, -7)
+    assert u.total_tokens == 10**19 - 7 and u.input_tokens_details.cached_tokens == 2**64 - 1
+    assert u.output_tokens_details.reasoning_tokens == 0
+    assert usage_for(body) == (10**19, -7)
+    assert reported_usage(body).total_tokens == 10**19 - 7
+    events = _events(client, **_sdk(body))
+    _check_typed(events)
+    assert events[-1].response.usage.input_tokens == 10**19
+    assert [e.type for e in events].count("response.output_text.delta") == 2
+
+    chat_report = {"output_tokens": 10**19, "reasoning_tokens": -1}
+    chat = _chat_body(stream_options={"include_usage": True}, sim={"report": chat_report})
+    res_c = client.chat.completions.create(**_sdk(chat))
+    uc = res_c.usage
+    assert uc is not None and uc.completion_tokens == 10**19
+    assert uc.prompt_tokens == input_tokens_for(chat)
+    assert uc.total_tokens == 10**19 + input_tokens_for(chat)
+    assert uc.completion_tokens_details is not None
+    assert uc.completion_tokens_details.reasoning_tokens == -1
+    assert res_c.choices[0].message.content == reply_text(chat)
+    chunks = list(client.chat.completions.create(**_sdk(chat), stream=True))
+    us = chunks[-1].usage
+    assert us is not None and (us.prompt_tokens, us.completion_tokens) == usage_for(chat)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply_text(chat)
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"input_tokens": 2**64},  # orjson stops at 2**64 - 1
+        {"input_tokens": 10**19, "output_tokens": 10**19},  # the total overflows
+        {"cached_tokens": -(2**63) - 1},
+        {"input": 1},
+        {"output_tokens": "12"},
+        {"output_tokens": True},
+        [1, 2],
+    ],
+)
+def test_report_refused(sim: SimServer, report: Any) -> None:
+    for endpoint, body in (
+        ("/responses", {"model": "m", "input": "x"}),
+        ("/chat/completions", _chat_body(stream=True)),
+    ):
+        status, raw = _http(sim.base_url + endpoint, body | {"sim": {"report": report}})
+        assert status == 400 and json.loads(raw)["error"]["param"] == "sim.report"
+
+
+def test_chat_usage_null_chunks(client: openai.OpenAI, sim: SimServer) -> None:
+    url = sim.base_url + "/chat/completions"
+    body = _chat_body(stream=True, stream_options={"include_usage": True})
+    for extra, headers in (
+        ({"sim": {"usage_null_chunks": True}}, {}),
+        ({}, {"x-sim-usage-null": "1"}),
+    ):
+        raw = _http(url, body | extra, headers)[1]
+        chunks = _raw_chunks(raw)
+        assert raw.endswith(b"data: [DONE]\n\n")
+        assert len(chunks) == 1 + len(plan_reply(body).pieces) + 1 + 1
+        for c in chunks[:-1]:  # OpenAI's format: "usage": null last, then the usage chunk
+            assert list(c)[-1] == "usage" and c["usage"] is None and c["choices"]
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] > 0
+    no_usage = body | {"stream_options": {"include_usage": False}}
+    off = _raw_chunks(_http(url, no_usage, {"x-sim-usage-null": "1"})[1])
+    assert all("usage" not in c for c in off)  # only with usage on
+    assert _http(url, body, {"x-sim-usage-null": "maybe"})[0] == 400
+
+    sdk_body = _chat_body(stream_options={"include_usage": True}, sim={"usage_null_chunks": True})
+    chunks_sdk = list(client.chat.completions.create(**_sdk(sdk_body), stream=True))
+    assert all(c.usage is None and c.choices for c in chunks_sdk[:-1])
+    u = chunks_sdk[-1].usage
+    assert u is not None and (u.prompt_tokens, u.completion_tokens) == usage_for(sdk_body)
+    with client.chat.completions.stream(
+        model=sdk_body["model"],
+        messages=sdk_body["messages"],
+        stream_options={"include_usage": True},
+        extra_body={"sim": {"usage_null_chunks": True, "cached_tokens": 1}},
+    ) as stream:
+        final = stream.get_final_completion()
+    assert final.choices[0].message.content == reply_text(sdk_body)
+    assert final.usage is not None and final.usage.prompt_tokens_details is not None
+    assert final.usage.prompt_tokens_details.cached_tokens == 1
+    tools = _chat_body(
+        messages=[{"role": "user", "content": "call get_weather"}],
+        tools=TOOLS_CHAT,
+        stream_options={"include_usage": True},
+    )
+    headers = {"x-sim-usage-null": "true"}
+    calls = list(client.chat.completions.create(**tools, stream=True, extra_headers=headers))
+    assert calls[-2].choices[0].finish_reason == "tool_calls" and calls[-1].usage is not None

@@ -4,6 +4,8 @@ Public API:
 - `create_app(ttft_ms, tokens_per_s)` / `run(host, port, ttft_ms, tokens_per_s)`: the server.
 - `reply_text(body, endpoint=None, tokens=None)`: the exact text it answers.
 - `usage_for(body, endpoint=None, tokens=None)`: (input_tokens, output_tokens) it reports.
+- `reported_usage(body, endpoint=None, tokens=None, cached_tokens=None, reasoning_tokens=None)`:
+  the whole reported `Usage` (cached and reasoning tokens too, `sim.report` applied).
 - `plan_reply(...)`: the whole planned answer (text pieces or function call, truncation).
 - `input_tokens_for(body, endpoint=None)`: the input-token formula alone.
 
@@ -15,10 +17,12 @@ See docs/simulator.md.
 from bastion.sim.reply import (
     DEFAULT_TOKENS,
     Reply,
+    Usage,
     input_tokens_for,
     last_user_text,
     plan_reply,
     reply_text,
+    reported_usage,
     usage_for,
 )
 from bastion.sim.server import FAULTS, create_app, run
@@ -27,11 +31,13 @@ __all__ = [
     "DEFAULT_TOKENS",
     "FAULTS",
     "Reply",
+    "Usage",
     "create_app",
     "input_tokens_for",
     "last_user_text",
     "plan_reply",
     "reply_text",
+    "reported_usage",
     "run",
     "usage_for",
 ]

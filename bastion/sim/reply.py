@@ -355,9 +355,91 @@ def reply_text(body: dict[str, Any], endpoint: str | None = None, tokens: int | 
     return plan_reply(body, endpoint, tokens).text
 
 
+# ---------------------------------------------------------------- reported usage
+
+REPORT_KEYS = ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens")
+"""What `sim.report` may override (bogus usage, to test how the gateway copes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The numbers written in `usage`: the real ones, unless `sim.report` overrides them."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+def _sim(body: dict[str, Any]) -> dict[str, Any]:
+    sim = body.get("sim")
+    return sim if isinstance(sim, dict) else {}
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative int option (bools excluded), else None."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return int(value) if ok else None
+
+
+def report_overrides(body: dict[str, Any]) -> dict[str, int]:
+    """The body's `sim.report` ({} if absent); ValueError names what is wrong with it."""
+    report = _sim(body).get("report")
+    if report is None:
+        return {}
+    if not isinstance(report, dict):
+        raise ValueError("sim.report must be an object")
+    for key, value in report.items():
+        if key not in REPORT_KEYS:
+            raise ValueError(f"sim.report: unknown key {key!r}; one of {', '.join(REPORT_KEYS)}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"sim.report.{key} must be an integer")
+    return {k: int(v) for k, v in report.items()}
+
+
+def usage_of(
+    reply: Reply,
+    body: dict[str, Any],
+    cached_tokens: int | None = None,
+    reasoning_tokens: int | None = None,
+) -> Usage:
+    """What the answer reports: cached ≤ input and reasoning ≤ output, then `sim.report`.
+
+    `cached_tokens`/`reasoning_tokens` are the header values, when sent; else the body's
+    `sim.cached_tokens`/`sim.reasoning_tokens` count.
+    """
+    sim = _sim(body)
+    if cached_tokens is None:
+        cached_tokens = _count(sim.get("cached_tokens"))
+    if reasoning_tokens is None:
+        reasoning_tokens = _count(sim.get("reasoning_tokens"))
+    real = {
+        "input_tokens": reply.input_tokens,
+        "output_tokens": reply.output_tokens,
+        "cached_tokens": min(cached_tokens or 0, reply.input_tokens),
+        "reasoning_tokens": min(reasoning_tokens or 0, reply.output_tokens),
+    }
+    return Usage(**(real | report_overrides(body)))
+
+
+def reported_usage(
+    body: dict[str, Any],
+    endpoint: str | None = None,
+    tokens: int | None = None,
+    cached_tokens: int | None = None,
+    reasoning_tokens: int | None = None,
+) -> Usage:
+    """The full `Usage` the simulator reports (the extra arguments are header values)."""
+    return usage_of(plan_reply(body, endpoint, tokens), body, cached_tokens, reasoning_tokens)
+
+
 def usage_for(
     body: dict[str, Any], endpoint: str | None = None, tokens: int | None = None
 ) -> tuple[int, int]:
-    """(input_tokens, output_tokens) the simulator reports for this request."""
-    reply = plan_reply(body, endpoint, tokens)
-    return reply.input_tokens, reply.output_tokens
+    """(input_tokens, output_tokens) the simulator reports (`sim.report` applied)."""
+    usage = reported_usage(body, endpoint, tokens)
+    return usage.input_tokens, usage.output_tokens

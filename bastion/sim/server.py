@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
 
 from bastion.sim.pacer import Pacer
-from bastion.sim.reply import Reply, plan_reply
+from bastion.sim.reply import Reply, Usage, plan_reply, report_overrides, usage_of
 from bastion.sim.wire import ChatRender, ResponsesRender, StreamPlan, error_object
 
 FAULTS = frozenset(
@@ -49,6 +49,9 @@ class Options:
     fault: str | None
     delay_ms: float
     vllm_quirks: bool
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    usage_null: bool = False
 
 
 DEFAULTS_KEY = web.AppKey("sim_defaults", SimDefaults)
@@ -102,6 +105,16 @@ def _options(request: web.Request, body: dict[str, Any], defaults: SimDefaults) 
     ttft = _number(pick("x-sim-ttft-ms", "ttft_ms"), "x-sim-ttft-ms")
     rate = _number(pick("x-sim-tokens-per-s", "tokens_per_s"), "x-sim-tokens-per-s")
     delay = _number(pick("x-sim-delay-ms", "delay_ms"), "x-sim-delay-ms")
+    cached = _number(
+        pick("x-sim-cached-tokens", "cached_tokens"), "x-sim-cached-tokens", integer=True
+    )
+    reasoning = _number(
+        pick("x-sim-reasoning-tokens", "reasoning_tokens"), "x-sim-reasoning-tokens", integer=True
+    )
+    try:
+        report_overrides(body)
+    except ValueError as e:
+        raise _bad(str(e), "sim.report") from None
     return Options(
         tokens=None if tokens is None else int(tokens),
         ttft_ms=defaults.ttft_ms if ttft is None else ttft,
@@ -109,7 +122,30 @@ def _options(request: web.Request, body: dict[str, Any], defaults: SimDefaults) 
         fault=fault,
         delay_ms=SLOW_DEFAULT_MS if delay is None else delay,
         vllm_quirks=str(pick("x-sim-quirks", "quirks") or "").lower() == "vllm",
+        cached_tokens=None if cached is None else int(cached),
+        reasoning_tokens=None if reasoning is None else int(reasoning),
+        usage_null=_flag(pick("x-sim-usage-null", "usage_null_chunks"), "x-sim-usage-null"),
     )
+
+
+def _reported(reply: Reply, body: dict[str, Any], opts: Options) -> Usage:
+    """The usage to write; a `sim.report` number orjson cannot encode (64 bits) is a 400."""
+    usage = usage_of(reply, body, opts.cached_tokens, opts.reasoning_tokens)
+    try:
+        orjson.dumps([*astuple(usage), usage.total_tokens])
+    except orjson.JSONEncodeError:
+        raise _bad("sim.report: usage numbers must fit in 64 bits", "sim.report") from None
+    return usage
+
+
+def _flag(raw: Any, name: str) -> bool:
+    """A boolean option: JSON true/false, or a header `1`/`0`/`true`/`false`."""
+    if raw is None or isinstance(raw, bool):
+        return bool(raw)
+    value = str(raw).strip().lower()
+    if value not in ("1", "0", "true", "false"):
+        raise _bad(f"{name} must be a boolean (1/0/true/false)", name)
+    return value in ("1", "true")
 
 
 async def _until_gone(request: web.Request) -> None:
@@ -161,12 +197,13 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
                 "store",
             )
         reply = plan_reply(body, endpoint, opts.tokens)
+        usage = _reported(reply, body, opts)
     except _Refusal as refusal:
         return refusal.response
     try:
         if stream:
-            return await _stream(request, endpoint, body, reply, opts)
-        return await _json(request, endpoint, body, reply, opts)
+            return await _stream(request, endpoint, body, reply, usage, opts)
+        return await _json(request, endpoint, body, reply, usage, opts)
     except ConnectionError:  # the client went away mid-answer: nothing left to do
         return web.Response(status=499)
 
@@ -178,14 +215,19 @@ def _duration(reply: Reply, opts: Options) -> float:
 
 
 async def _json(
-    request: web.Request, endpoint: str, body: dict[str, Any], reply: Reply, opts: Options
+    request: web.Request,
+    endpoint: str,
+    body: dict[str, Any],
+    reply: Reply,
+    usage: Usage,
+    opts: Options,
 ) -> web.StreamResponse:
     duration = _duration(reply, opts)
     now = time.time()
     if endpoint == "responses":
-        data = ResponsesRender(body, reply, int(now), int(now + duration)).json_body()
+        data = ResponsesRender(body, reply, int(now), int(now + duration), usage).json_body()
     else:
-        data = ChatRender(body, reply, int(now)).json_body()
+        data = ChatRender(body, reply, int(now), usage).json_body()
     if duration > 0:
         await asyncio.sleep(duration)
     if opts.fault == "malformed":
@@ -204,7 +246,12 @@ async def _json(
 
 
 async def _stream(
-    request: web.Request, endpoint: str, body: dict[str, Any], reply: Reply, opts: Options
+    request: web.Request,
+    endpoint: str,
+    body: dict[str, Any],
+    reply: Reply,
+    usage: Usage,
+    opts: Options,
 ) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -212,10 +259,11 @@ async def _stream(
     wire_fault = opts.fault if opts.fault in ("cut", "error-event", "malformed") else None
     if endpoint == "responses":
         now = time.time()
-        render = ResponsesRender(body, reply, int(now), int(now + _duration(reply, opts)))
+        render = ResponsesRender(body, reply, int(now), int(now + _duration(reply, opts)), usage)
         plan = render.stream(wire_fault, opts.vllm_quirks)
     else:
-        plan = ChatRender(body, reply, int(time.time())).stream(wire_fault)
+        chat = ChatRender(body, reply, int(time.time()), usage, opts.usage_null)
+        plan = chat.stream(wire_fault)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     resp.enable_chunked_encoding()
     await resp.prepare(request)  # sends the headers at once, as vLLM does

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from bastion.sim.reply import Reply
+from bastion.sim.reply import Reply, Usage
 
 
 @dataclass(slots=True)
@@ -52,9 +52,17 @@ def _data(obj: dict[str, Any]) -> bytes:
 class ResponsesRender:
     """Renders one Responses answer, JSON or stream, with stable ids and timestamps."""
 
-    def __init__(self, body: dict[str, Any], reply: Reply, created_at: int, done_at: int) -> None:
+    def __init__(
+        self,
+        body: dict[str, Any],
+        reply: Reply,
+        created_at: int,
+        done_at: int,
+        usage: Usage | None = None,
+    ) -> None:
         self.body = body
         self.reply = reply
+        self.reported = usage or Usage(reply.input_tokens, reply.output_tokens)
         self.created_at = created_at
         self.done_at = done_at
         self.rid = new_id("resp_")
@@ -97,13 +105,13 @@ class ResponsesRender:
         }
 
     def usage(self) -> dict[str, Any]:
-        i, o = self.reply.input_tokens, self.reply.output_tokens
+        u = self.reported
         return {
-            "input_tokens": i,
-            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-            "output_tokens": o,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": i + o,
+            "input_tokens": u.input_tokens,
+            "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
+            "output_tokens": u.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
+            "total_tokens": u.total_tokens,
         }
 
     def _part(self, text: str) -> dict[str, Any]:
@@ -247,10 +255,20 @@ class ResponsesRender:
 class ChatRender:
     """Renders one Chat Completions answer, JSON or stream."""
 
-    def __init__(self, body: dict[str, Any], reply: Reply, created: int) -> None:
+    def __init__(
+        self,
+        body: dict[str, Any],
+        reply: Reply,
+        created: int,
+        usage: Usage | None = None,
+        usage_null: bool = False,
+    ) -> None:
         self.body = body
         self.reply = reply
         self.created = created
+        self.reported = usage or Usage(reply.input_tokens, reply.output_tokens)
+        # OpenAI's stream: with usage on, every other chunk carries "usage": null
+        self.usage_null = usage_null and self.include_usage()
         self.cid = new_id("chatcmpl-")
         self.call_id = new_id("call_")
         if reply.truncated:
@@ -258,9 +276,19 @@ class ChatRender:
         else:
             self.finish = "tool_calls" if reply.call_name else "stop"
 
-    def usage(self) -> dict[str, int]:
-        i, o = self.reply.input_tokens, self.reply.output_tokens
-        return {"prompt_tokens": i, "completion_tokens": o, "total_tokens": i + o}
+    def usage(self) -> dict[str, Any]:
+        """vLLM's shape: the details objects only when non-zero."""
+        u = self.reported
+        out: dict[str, Any] = {
+            "prompt_tokens": u.input_tokens,
+            "completion_tokens": u.output_tokens,
+            "total_tokens": u.total_tokens,
+        }
+        if u.cached_tokens:
+            out["prompt_tokens_details"] = {"cached_tokens": u.cached_tokens}
+        if u.reasoning_tokens:
+            out["completion_tokens_details"] = {"reasoning_tokens": u.reasoning_tokens}
+        return out
 
     def json_body(self) -> bytes:
         message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
@@ -288,17 +316,16 @@ class ChatRender:
         )
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return _data(
-            {
-                "id": self.cid,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.body["model"],
-                "choices": [
-                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-                ],
-            }
-        )
+        chunk: dict[str, Any] = {
+            "id": self.cid,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.body["model"],
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if self.usage_null:
+            chunk["usage"] = None
+        return _data(chunk)
 
     def include_usage(self) -> bool:
         """vLLM: a present `stream_options` defaults `include_usage` to true."""
