@@ -13,7 +13,6 @@ import contextlib
 import gc
 import logging
 import os
-import secrets
 import time
 
 import orjson
@@ -21,11 +20,12 @@ from aiohttp import web
 
 from bastion.auth import KeyTable
 from bastion.config import Config, ModelConfig
-from bastion.credit import CreditBook, LedgerWriter, Reservation
+from bastion.credit import CreditBook, Reservation
 from bastion.errors import APIError
-from bastion.metering import Usage, estimate_input, input_bound
+from bastion.ledger import LedgerWriter
+from bastion.metering import Usage, estimate_input, input_bound, plausible
 from bastion.metrics import Metrics
-from bastion.money import cost_nanos, format_usd
+from bastion.money import format_usd
 from bastion.ratelimit import Decision, open_limiter
 from bastion.relay import Call, Relay
 from bastion.store import ApiKey, LedgerRow, open_store
@@ -40,18 +40,26 @@ _ENDPOINT_PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions"}
 class Gateway:
     def __init__(self, config: Config, replicas: int = 1) -> None:
         self.config = config
-        self.store = open_store(config.database_url)
+        self.store = open_store(config.database_url, config.lease_ttl_s)
         self.limiter = open_limiter(config.ratelimit.url, replicas=replicas)
         self.keys = KeyTable()
-        self.book = CreditBook(self.store, "gw_" + secrets.token_hex(6))
+        self.book = CreditBook(self.store)
+        self.book.on_distrust = self.end_streams
         self.writer = LedgerWriter(
-            self.store, self.book, lambda: self.keys.refresh(self.store), config.refresh_interval_s
+            self.store,
+            self.book,
+            lambda: self.keys.refresh(self.store),
+            config.refresh_interval_s,
+            config.lease_ttl_s,
+            self.written,
         )
         self.relay = Relay(config.upstreams, config.health_check_interval_s)
         self.metrics = Metrics(self.relay.pool, self.limiter)
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
-        self.metrics.lease_waits = lambda: self.book.waits
-        self.metrics.lease_topups = lambda: self.book.topups
+        self.metrics.book = self.book
+        self.metrics.dead_letters = lambda: self.writer.dead_letters
+        self.streams: set[Call] = set()  # streams in flight, to end if their lease is given up
+        self._refused_log = 0.0
         self.created = int(time.time())
         self._ready: tuple[float, bool] = (0.0, False)
 
@@ -89,17 +97,24 @@ class Gateway:
             req = parse(await self.read_body(request), endpoint)
             model = self.resolve(req.model, endpoint)
             cap = self.output_cap(req, model)
-            bound = input_bound(req.body, req.items, self.config.metering)
+            bound = input_bound(req.body, req.items, self.config.metering, model.image_tokens)
             worst_tokens = bound + cap * req.n
             rpm, tpm = self.limits(key)
             decision = await self.admit(key, rpm, tpm, worst_tokens, cap)
             headers.update(decision.headers)
             limited = True
-            worst_cost = cost_nanos(bound, cap * req.n, model.input_price, model.output_price)
-            reservation = await self.reserve(key.account_id, worst_cost)
-            if reservation is None:
-                raise self.insufficient(key, worst_cost, bound, cap, endpoint)
+            worst_cost = model.cost(Usage(bound, cap * req.n))
+            try:
+                reservation = await self.reserve(key.account_id, worst_cost)
+                if reservation is None:
+                    raise self.insufficient(key, worst_cost, bound, cap, endpoint)
+            except APIError:  # refused: the tokens admitted above were never used
+                self.limiter.refund(key.id, tpm, worst_tokens)
+                raise
             call = self.prepare(request_id, endpoint, req, model, cap, bound, headers)
+            call.epoch = reservation.epoch
+            if call.stream:
+                self.streams.add(call)
             response = await self.relay.send(request, call)
             self.metrics.overhead[endpoint].observe(
                 max(0.0, time.perf_counter() - started - call.upstream_s)
@@ -125,6 +140,8 @@ class Gateway:
             )
         finally:
             self.metrics.in_flight -= 1
+            if call is not None and call.stream:
+                self.streams.discard(call)
             if reservation is not None and key is not None and req is not None:
                 self.settle(key, req, call, reservation, worst_tokens, endpoint)
 
@@ -173,17 +190,17 @@ class Gateway:
         return model
 
     def output_cap(self, req: ClientRequest, model: ModelConfig) -> int:
-        if req.cap is None:
-            return model.max_output_tokens
-        if req.cap > model.max_output_tokens:
-            raise APIError(
-                400,
-                "invalid_request",
-                f"'{req.cap_field}' is {req.cap}; {model.id} allows at most "
-                f"{model.max_output_tokens} output tokens.",
-                req.cap_field,
-            )
-        return req.cap
+        """The cap the upstream will use; every cap field sent must fit the model."""
+        for name, value in req.caps:
+            if value > model.max_output_tokens:
+                raise APIError(
+                    400,
+                    "invalid_request",
+                    f"'{name}' is {value}; {model.id} allows at most "
+                    f"{model.max_output_tokens} output tokens.",
+                    name,
+                )
+        return model.max_output_tokens if req.cap is None else req.cap
 
     def limits(self, key: ApiKey) -> tuple[int, int]:
         defaults = self.config.ratelimit
@@ -221,8 +238,11 @@ class Gateway:
     async def reserve(self, account_id: str, amount: int) -> Reservation | None:
         try:
             return await self.book.reserve(account_id, amount)
-        except Exception:  # StoreUnavailable, or the store failed to grant a lease
-            log.exception("credit store unavailable")
+        except Exception as exc:  # StoreUnavailable, or the store failed to grant a lease
+            if time.monotonic() - self._refused_log > 10:  # a line per 10 s, not per request
+                self._refused_log = time.monotonic()
+                log.warning("credit store unavailable (%s): answering 503", type(exc).__name__)
+            self.metrics.store_refusals += 1
             raise APIError(
                 503,
                 "service_unavailable",
@@ -262,6 +282,9 @@ class Gateway:
         if req.cap is None:
             body[req.cap_field] = cap
             changed = True
+        elif len(req.caps) > 1 and body.get("max_tokens") != cap:
+            body["max_tokens"] = cap  # both chat caps say what is reserved, whichever is read
+            changed = True
         strip_usage = False
         if endpoint == "chat" and req.stream:
             options = body.get("stream_options") or {}
@@ -278,6 +301,7 @@ class Gateway:
             strip_usage=strip_usage,
             headers=headers,
             input_bound=bound,
+            output_cap=cap * req.n,
         )
 
     def settle(
@@ -295,14 +319,22 @@ class Gateway:
             self.book.release(reservation)
             self.limiter.refund(key.id, tpm, worst_tokens)
             return
+        m = self.metrics
         usage = call.usage
         if usage is None:
             usage = self.estimate(call)
+        elif not plausible(usage, call.input_bound, call.output_cap):
+            log.warning(
+                "request %s: upstream %s reported impossible usage %s (input bound %d, output"
+                " cap %d); charged the admitted worst case",
+                call.request_id, call.upstream.name if call.upstream else "?", usage,
+                call.input_bound, call.output_cap,
+            )  # fmt: skip
+            m.usage_rejected += 1
+            usage = Usage(call.input_bound, call.output_cap, estimated=True)
         model = call.model
-        cost = cost_nanos(
-            usage.input_tokens, usage.output_tokens, model.input_price, model.output_price
-        )
-        charged = self.book.settle(reservation, cost)
+        cost = model.cost(usage)
+        leased = self.book.settle(reservation, cost)
         self.writer.append(
             LedgerRow(
                 request_id=call.request_id,
@@ -312,30 +344,52 @@ class Gateway:
                 endpoint=endpoint,
                 input_tokens=usage.input_tokens,
                 output_tokens=usage.output_tokens,
-                cost=charged,
+                cost=cost,
                 estimated=usage.estimated,
                 status=call.status,
                 created_at=int(time.time() * 1_000_000),
-            )
+                cached_input_tokens=usage.cached_tokens,
+                reasoning_tokens=usage.reasoning_tokens,
+                leased=leased,
+            ),
+            reservation.epoch,
         )
         self.limiter.refund(key.id, tpm, worst_tokens - usage.input_tokens - usage.output_tokens)
-        m = self.metrics
         m.requests[endpoint, call.status] += 1
         m.tokens[model.id, "input"] += usage.input_tokens
+        m.tokens[model.id, "cached_input"] += usage.cached_tokens
         m.tokens[model.id, "output"] += usage.output_tokens
-        m.cost[model.id] += charged
+        m.cost[model.id] += cost
         m.estimated += usage.estimated
 
     @staticmethod
     def estimate(call: Call) -> Usage:
-        """No usage report: charge what was produced; nothing if nothing was."""
+        """No usage report: charge what was produced (within the cap); nothing if nothing was."""
         if call.deltas:
             output = call.deltas
         elif call.body_bytes:
             output = -(-call.body_bytes // 4)
         else:
             return Usage(0, 0, estimated=False)
-        return Usage(estimate_input(call.input_bound), output, estimated=True)
+        return Usage(estimate_input(call.input_bound), min(output, call.output_cap), estimated=True)
+
+    def written(self, rows: list[LedgerRow]) -> None:
+        """Rows are durable: make uncharged money loud (metric, warning)."""
+        for row in rows:
+            if row.uncharged:
+                self.metrics.uncharged += row.uncharged
+                log.warning(
+                    "request %s of account %s: %s USD of its %s USD cost could not be collected"
+                    " (uncharged)",
+                    row.request_id, row.account_id, format_usd(row.uncharged),
+                    format_usd(row.cost),
+                )  # fmt: skip
+
+    def end_streams(self, why: str) -> None:
+        """The leases were given up: end the streams admitted under them (stream error)."""
+        for call in list(self.streams):
+            if call.epoch != self.book.epoch:
+                call.abort("the gateway lost contact with its billing store; stream ended")
 
     # ---- the other endpoints ------------------------------------------------------
     async def models(self, request: web.Request) -> web.Response:

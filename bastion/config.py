@@ -11,9 +11,12 @@ import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from bastion.money import MoneyError, parse_usd
+from bastion.money import MoneyError, cost_nanos, parse_usd
+
+if TYPE_CHECKING:
+    from bastion.metering import Usage
 
 ENDPOINTS = ("responses", "chat")
 
@@ -43,7 +46,7 @@ class MeteringConfig:
 
     base_tokens: int = 256
     item_tokens: int = 16
-    image_tokens: int = 4096
+    image_tokens: int = 4096  # per media part, for models that set no ``image_tokens``
 
 
 @dataclass(frozen=True)
@@ -64,10 +67,23 @@ class ModelConfig:
     input_price: int  # nano-dollars per 1M tokens
     output_price: int
     max_output_tokens: int
+    cached_input_price: int = -1  # -1: the input price
+    image_tokens: int = 0  # input bound per image/file/audio/video part; 0: [metering]'s
 
     @property
     def renamed(self) -> bool:
         return self.upstream_model != self.id
+
+    def cost(self, usage: Usage) -> int:
+        """The exact price of ``usage`` in nano-dollars, rounded up once."""
+        return cost_nanos(
+            usage.input_tokens,
+            usage.output_tokens,
+            self.input_price,
+            self.output_price,
+            usage.cached_tokens,
+            self.cached_input_price,
+        )
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,7 @@ class Config:
     models: dict[str, ModelConfig] = field(default_factory=dict)
     admin_token: str = ""
     refresh_interval_s: float = 1.0
+    lease_ttl_s: float = 30.0  # a silent gateway's credit leases are reclaimed after this
     health_check_interval_s: float = 5.0
 
 
@@ -141,6 +158,8 @@ def parse_config(data: dict[str, Any]) -> Config:
                 input_price=parse_usd(raw.pop("input_price")),
                 output_price=parse_usd(raw.pop("output_price")),
                 max_output_tokens=int(raw.pop("max_output_tokens")),
+                cached_input_price=_price_or_unset(raw.pop("cached_input_price", None)),
+                image_tokens=int(raw.pop("image_tokens", metering.image_tokens)),
             )
         except KeyError as exc:
             raise ConfigError(f"{models_key}: missing {exc.args[0]}") from None
@@ -150,6 +169,17 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"{models_key}: unknown keys {sorted(raw)}")
         if not model.upstream_model:
             model = ModelConfig(**{**model.__dict__, "upstream_model": model.id})
+        if model.cached_input_price == -1:
+            model = ModelConfig(**{**model.__dict__, "cached_input_price": model.input_price})
+        if not 0 <= model.cached_input_price <= model.input_price:
+            raise ConfigError(
+                f"{models_key}.cached_input_price must be between 0 and input_price"
+                " (a cached token never costs more than a fresh one)"
+            )
+        if min(model.input_price, model.output_price) < 0:
+            raise ConfigError(f"{models_key}: prices must not be negative")
+        if model.image_tokens < 1:
+            raise ConfigError(f"{models_key}.image_tokens must be positive")
         if bad := model.endpoints - set(ENDPOINTS):
             raise ConfigError(f"{models_key}.endpoints: unknown {sorted(bad)}")
         if not model.upstreams:
@@ -170,6 +200,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         models=models,
         admin_token=str(admin.get("token", "")),
         refresh_interval_s=float(data.get("refresh_interval_s", 1.0)),
+        lease_ttl_s=_lease_ttl(data.get("lease_ttl_s", 30.0)),
         health_check_interval_s=float(data.get("health_check_interval_s", 5.0)),
     )
 
@@ -196,3 +227,14 @@ def _coerce(annotation: Any, value: Any) -> Any:
     if kind is int and isinstance(value, bool):
         raise ValueError(f"expected an integer, got {value!r}")
     return kind(value) if kind else value
+
+
+def _lease_ttl(value: Any) -> float:
+    ttl = float(value)
+    if not 2.0 <= ttl <= 3600.0:
+        raise ConfigError(f"lease_ttl_s must be between 2 and 3600 seconds, got {value!r}")
+    return ttl
+
+
+def _price_or_unset(value: Any) -> int:
+    return -1 if value is None else parse_usd(value)

@@ -1,45 +1,46 @@
-"""Prepaid credit: admission against leased credit in memory, the ledger written in batches.
+"""Prepaid credit: admission against credit leased from the store, held in memory.
 
 A gateway admits a request only against credit it has *leased* from the store: the
 live gateways' leases never add up to more than an account's balance, so any number
 of replicas admit locally, with no round trip per request, and still never
 overspend (see ``store/migrations/0002_leases.sql``). Per account the book holds the
-lease, the cost of requests settled but not yet written (``pending``) and the worst
-case of requests in flight (``reserved``); free = lease − pending − reserved.
+lease, the part of settled-but-unwritten costs that the lease backs (``pending``) and
+the worst case of requests in flight (``reserved``); free = lease − pending − reserved.
 
-Leases are topped up *before* they run dry, off the request path: after each group
-commit the writer task tops up every busy account whose free lease fell below the
-most it had in use (reserved + pending) since the last check, to twice that. So a
-request awaits the store only when its account's credit is really short, or on the
-account's first request; then the lease grows by one store round trip (serialised
-per account) by what is missing plus as much again as is in use. Leases of idle
-accounts go back after a few seconds, so credit a replica holds but does not use
-is soon available to the others.
+Leases are topped up *before* they run dry, off the request path (``top_up``, run by
+the ledger writer after each group commit). A request awaits the store only when its
+account's credit is really short, or on the account's first request.
 
-One background task alternates between writing settled rows in batches (group
-commit: rows gather for 10 ms, and whatever queues while a commit runs goes in the
-next one; the cost leaves the balance and the lease together), the lease top-ups,
-and the periodic refresh: keys, heartbeat, idle leases back. A gateway whose
-heartbeats fail stops trusting its leases before the store would reclaim them.
+Trust. A lease is used only while the store answers heartbeats: ``trusted_until`` is
+half the lease TTL after the last heartbeat began, and the store reclaims a lease a
+whole TTL after the last heartbeat it saw (database clock). When trust lapses, or the
+store says it reclaimed our leases, the book ``distrust``s: it forgets every lease,
+takes a new gateway identity (the old one's leases are given back once the store
+answers), and ends the streams admitted under the old leases. Costs settled from
+then on for those requests are written without a lease: the store collects them
+from credit nobody holds, and what it cannot cover is recorded as ``uncharged``, so
+a balance never goes below zero.
+
+Doubt. When the book and the store may disagree about a lease (a grant whose answer
+was lost, a release that failed), the account is marked and the ledger writer
+``resync``s it: both sides take the smaller value, so no credit stays stranded.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from bastion.store import LEASE_TTL_US, LedgerRow, Store
+from bastion.store import LedgerRow, Store
 
 log = logging.getLogger("bastion.credit")
 
 HEADROOM = 4  # a lease grows by what is missing + 4 worst cases, or + what is in use if larger
 IDLE_RELEASE_S = 2.0  # an account unused this long gives its free lease back
-TRUST_S = LEASE_TTL_US / 1_000_000 / 2  # leases are used only this long after a heartbeat
-COMMIT_WINDOW_S = 0.01  # settled rows gather this long before a commit: fewer, larger fsyncs
 
 
 class StoreUnavailable(Exception):
@@ -50,12 +51,17 @@ class StoreUnavailable(Exception):
 class Reservation:
     account_id: str
     amount: int
+    epoch: int  # the lease generation it was taken from (see ``CreditBook.distrust``)
+
+
+def new_gateway_id() -> str:
+    return "gw_" + secrets.token_hex(6)
 
 
 class CreditBook:
-    def __init__(self, store: Store, gateway_id: str) -> None:
+    def __init__(self, store: Store, gateway_id: str | None = None) -> None:
         self.store = store
-        self.gateway_id = gateway_id
+        self.gateway_id = gateway_id or new_gateway_id()
         self.lease: dict[str, int] = {}
         self.pending: dict[str, int] = {}
         self.reserved: dict[str, int] = {}
@@ -63,8 +69,14 @@ class CreditBook:
         self.last_used: dict[str, float] = {}
         self.peak: dict[str, int] = {}  # most in use (reserved + pending) since the last top-up
         self.trusted_until = 0.0
+        self.distrusted = False
+        self.epoch = 0
+        self.retired: list[str] = []  # identities whose leases go back when the store answers
+        self.doubtful: set[str] = set()  # accounts whose lease the store may see otherwise
+        self.on_distrust: Callable[[str], None] = lambda why: None
         self.waits = 0  # requests that waited for a lease grant (metric)
         self.topups = 0  # background top-ups (metric)
+        self.distrusts = 0  # times the leases were given up (metric)
         self._locks: dict[str, asyncio.Lock] = {}
 
     def free(self, account_id: str) -> int:
@@ -78,20 +90,28 @@ class CreditBook:
         """What the account could still spend: our free lease + what nobody has leased."""
         return max(0, self.free(account_id)) + self.unleased.get(account_id, 0)
 
+    @property
+    def trusted(self) -> bool:
+        return time.monotonic() <= self.trusted_until
+
     async def reserve(self, account_id: str, amount: int) -> Reservation | None:
         """Hold ``amount`` for a request, or None if the account cannot cover it."""
         now = time.monotonic()
         if now > self.trusted_until:
+            self.distrust("the credit store has not answered a heartbeat in time")
             raise StoreUnavailable
         self.last_used[account_id] = now
         if amount <= self.free(account_id):
             return self._take(account_id, amount)
         self.waits += 1
+        epoch = self.epoch
         async with self._lock(account_id):
             missing = amount - self.free(account_id)
             if missing > 0:
                 headroom = max(HEADROOM * amount, self.in_use(account_id))
                 await self._grow(account_id, missing + headroom)
+            if self.epoch != epoch:
+                raise StoreUnavailable  # the leases were given up while we waited
             if amount <= self.free(account_id):
                 return self._take(account_id, amount)
         return None
@@ -116,9 +136,20 @@ class CreditBook:
             self.topups += 1
 
     async def _grow(self, account_id: str, want: int) -> None:
-        granted, unleased = await self.store.lease(self.gateway_id, account_id, want)
-        self.lease[account_id] = self.lease.get(account_id, 0) + granted
-        self.unleased[account_id] = unleased
+        """Lease more. Shielded: a caller that leaves mid-grant must not strand the grant."""
+        epoch, gateway_id = self.epoch, self.gateway_id
+
+        async def grant() -> None:
+            try:
+                granted, unleased = await self.store.lease(gateway_id, account_id, want)
+            except BaseException:
+                self.doubtful.add(account_id)  # it may have been granted all the same
+                raise
+            if self.epoch == epoch:  # else the old identity's leases are being given back
+                self.lease[account_id] = self.lease.get(account_id, 0) + granted
+                self.unleased[account_id] = unleased
+
+        await asyncio.shield(asyncio.ensure_future(grant()))
 
     def _lock(self, account_id: str) -> asyncio.Lock:
         return self._locks.setdefault(account_id, asyncio.Lock())
@@ -129,28 +160,43 @@ class CreditBook:
         in_use = reserved + self.pending.get(account_id, 0)
         if in_use > self.peak.get(account_id, 0):
             self.peak[account_id] = in_use
-        return Reservation(account_id, amount)
+        return Reservation(account_id, amount, self.epoch)
 
     def release(self, reservation: Reservation) -> None:
-        _add(self.reserved, reservation.account_id, -reservation.amount)
+        if reservation.epoch == self.epoch:
+            _add(self.reserved, reservation.account_id, -reservation.amount)
         reservation.amount = 0
 
     def settle(self, reservation: Reservation, cost: int) -> int:
-        """Swap the reservation for the actual cost; returns what is charged.
+        """Swap the reservation for the actual cost; returns the part our lease backs.
 
-        The charge never exceeds the free lease (only an upstream that reports more
-        than the admitted worst case could ask for more)."""
+        The whole cost is always recorded; a part the lease cannot back (only an upstream
+        that reports more than the admitted worst case asks for more, or a lease given
+        up since admission) is collected by the store from unleased credit, or is
+        ``uncharged``."""
+        if reservation.epoch != self.epoch:
+            reservation.amount = 0
+            return 0
         account_id = reservation.account_id
         self.release(reservation)
-        charged = max(0, min(cost, self.free(account_id)))
-        _add(self.pending, account_id, charged)
-        return charged
+        leased = max(0, min(cost, self.free(account_id)))
+        _add(self.pending, account_id, leased)
+        return leased
 
-    def written(self, rows: list[LedgerRow]) -> None:
-        """Rows are durable: their cost has left the stored balance and our lease."""
-        for row in rows:
-            _add(self.pending, row.account_id, -row.cost)
-            _add(self.lease, row.account_id, -row.cost)
+    def written(self, sent: list[LedgerRow], stored: list[LedgerRow]) -> None:
+        """Rows are durable: what each took from our lease has left the lease and pending.
+
+        ``sent`` is what the writer sent (``leased`` = the part we counted as pending),
+        ``stored`` what the store wrote (``leased`` = what it took from the lease). A
+        difference means the store's lease is not what we think: the account is resynced.
+        """
+        taken = {row.request_id: row.leased for row in stored}
+        for row in sent:
+            _add(self.pending, row.account_id, -row.leased)
+            took = taken.get(row.request_id, 0)
+            _add(self.lease, row.account_id, -took)
+            if took != row.leased:
+                self.doubtful.add(row.account_id)
 
     def idle(self) -> dict[str, int]:
         """Take the free lease of accounts unused for a while out of the book."""
@@ -167,6 +213,44 @@ class CreditBook:
                 self._locks.pop(account_id, None)
         return amounts
 
+    async def resync(self) -> None:
+        """Agree with the store on every doubtful lease: both keep the smaller value.
+
+        Runs in the writer task between commits, so no ledger write moves the lease
+        meanwhile; the account's lock keeps grants out."""
+        for account_id in list(self.doubtful):
+            async with self._lock(account_id):
+                epoch = self.epoch
+                mine = self.lease.get(account_id, 0)
+                agreed = await self.store.sync_lease(self.gateway_id, account_id, mine)
+                if self.epoch == epoch:
+                    _add(self.lease, account_id, agreed - mine)
+                self.doubtful.discard(account_id)
+
+    def holds_leases(self) -> bool:
+        return bool(self.lease or self.pending or self.reserved)
+
+    def trust(self, until: float) -> None:
+        """The store answered a heartbeat: leases may be used until ``until`` (monotonic)."""
+        self.trusted_until = until
+        self.distrusted = False
+
+    def distrust(self, why: str) -> None:
+        """Give up every lease: forget them, take a new identity, end what used them."""
+        if self.distrusted:
+            return
+        self.distrusted = True
+        log.warning("credit leases given up (%s); requests get 503 until the store answers", why)
+        self.distrusts += 1
+        self.retired.append(self.gateway_id)
+        self.gateway_id = new_gateway_id()
+        self.epoch += 1
+        self.trusted_until = 0.0
+        for table in (self.lease, self.pending, self.reserved, self.peak, self.unleased):
+            table.clear()
+        self.doubtful.clear()
+        self.on_distrust(why)
+
 
 def _add(table: dict[str, int], key: str, delta: int) -> None:
     value = table.get(key, 0) + delta
@@ -174,80 +258,3 @@ def _add(table: dict[str, int], key: str, delta: int) -> None:
         table[key] = value
     else:
         table.pop(key, None)
-
-
-class LedgerWriter:
-    """Group commit + periodic refresh, serialised in one task so the book stays exact."""
-
-    def __init__(
-        self,
-        store: Store,
-        book: CreditBook,
-        refresh_keys: Callable[[], Awaitable[None]],
-        refresh_s: float = 1.0,
-    ) -> None:
-        self.store = store
-        self.book = book
-        self.refresh_keys = refresh_keys
-        self.refresh_s = refresh_s
-        self.queue: list[LedgerRow] = []
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-        self.last_refresh = 0.0
-
-    def append(self, row: LedgerRow) -> None:
-        self.queue.append(row)
-        self._wake.set()
-
-    async def start(self) -> None:
-        await self.refresh()
-        self._task = asyncio.create_task(self._run(), name="ledger-writer")
-
-    async def close(self) -> None:
-        self._closing = True
-        self._wake.set()
-        if self._task:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.flush()
-        await self.store.retire(self.book.gateway_id)
-
-    async def flush(self) -> None:
-        if not self.queue:
-            return
-        rows, self.queue = self.queue, []
-        try:
-            await self.store.write_ledger(rows, self.book.gateway_id)
-        except BaseException:
-            self.queue[:0] = rows
-            raise
-        self.book.written(rows)
-
-    async def refresh(self) -> None:
-        started = time.monotonic()
-        await self.store.heartbeat(self.book.gateway_id)
-        self.book.trusted_until = started + TRUST_S
-        await self.refresh_keys()
-        if idle := self.book.idle():
-            await self.store.release(self.book.gateway_id, idle)
-        self.last_refresh = time.monotonic()
-
-    async def _run(self) -> None:
-        backoff = 0.0
-        while not self._closing:
-            timeout = max(0.0, self.last_refresh + self.refresh_s - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout + backoff)
-            self._wake.clear()
-            if self.queue and not self._closing:
-                await asyncio.sleep(COMMIT_WINDOW_S)
-            try:
-                await self.flush()
-                await self.book.top_up()
-                if time.monotonic() - self.last_refresh >= self.refresh_s:
-                    await self.refresh()
-                backoff = 0.0
-            except Exception:
-                log.exception("store unavailable; %d ledger rows queued", len(self.queue))
-                backoff = min(5.0, backoff * 2 or 0.1)

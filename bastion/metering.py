@@ -13,14 +13,29 @@ from dataclasses import dataclass
 
 from bastion.config import MeteringConfig
 
-# content parts whose payload is not text the model reads byte for byte
+# content parts whose payload is not text the model reads byte for byte: each counts the
+# model's media allowance, whatever the size of its URL or data (OpenAI's and vLLM's names)
 _MEDIA_TYPES = frozenset(
-    {"input_image", "image_url", "input_file", "file", "input_audio", "image", "audio"}
-)
+    {
+        "input_image", "image_url", "image", "image_pil", "image_embeds",
+        "input_file", "file",
+        "input_audio", "audio_url", "audio",
+        "input_video", "video_url", "video",
+    }
+)  # fmt: skip
+
+# A report above what the request could use is an upstream fault, not a bill: input up to
+# this many times the bound is believed (the bound's allowances may be set too low),
+# beyond it the admitted worst case is charged instead.
+INPUT_SLACK = 2
 
 
-def input_bound(body: dict, items: int, cfg: MeteringConfig) -> int:
-    """Upper bound of input tokens: text bytes + allowances (iterative: any nesting depth)."""
+def input_bound(body: dict, items: int, cfg: MeteringConfig, media_tokens: int = 0) -> int:
+    """Upper bound of input tokens: text bytes + allowances (iterative: any nesting depth).
+
+    ``media_tokens``: the model's allowance per image/file/audio/video part (0: the
+    ``[metering]`` default)."""
+    media = media_tokens or cfg.image_tokens
     total = cfg.base_tokens + cfg.item_tokens * items
     stack: list[object] = [v for k, v in body.items() if k != "model"]
     while stack:
@@ -29,7 +44,7 @@ def input_bound(body: dict, items: int, cfg: MeteringConfig) -> int:
             total += len(node) if node.isascii() else len(node.encode("utf-8", "surrogatepass"))
         elif isinstance(node, dict):
             if node.get("type") in _MEDIA_TYPES:
-                total += cfg.image_tokens
+                total += media
                 continue
             for key, value in node.items():
                 total += len(key)
@@ -46,22 +61,54 @@ class Usage:
     input_tokens: int
     output_tokens: int
     estimated: bool = False
+    cached_tokens: int = 0  # part of input_tokens
+    reasoning_tokens: int = 0  # part of output_tokens
+
+
+_FIELDS = {
+    "responses": ("input_tokens", "output_tokens", "input_tokens_details", "output_tokens_details"),
+    "chat": (
+        "prompt_tokens", "completion_tokens", "prompt_tokens_details", "completion_tokens_details"
+    ),
+}  # fmt: skip
 
 
 def usage_from(obj: object, endpoint: str) -> Usage | None:
-    """The upstream's usage report inside a response body / final event, if any."""
+    """The upstream's usage report inside a response body / final event, if any.
+
+    Cached and reasoning tokens come from the details objects; absent means 0 (vLLM
+    omits them unless enabled). A malformed detail is taken as absent."""
     if not isinstance(obj, dict):
         return None
     usage = obj.get("usage")
     if not isinstance(usage, dict):
         return None
-    if endpoint == "responses":
-        i, o = usage.get("input_tokens"), usage.get("output_tokens")
-    else:
-        i, o = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    inp, out, inp_details, out_details = _FIELDS[endpoint]
+    i, o = usage.get(inp), usage.get(out)
     if not (_count(i) and _count(o)):
         return None
-    return Usage(i, o)  # type: ignore[arg-type]
+    return Usage(
+        i,  # type: ignore[arg-type]
+        o,  # type: ignore[arg-type]
+        cached_tokens=_detail(usage.get(inp_details), "cached_tokens"),
+        reasoning_tokens=_detail(usage.get(out_details), "reasoning_tokens"),
+    )
+
+
+def _detail(details: object, name: str) -> int:
+    value = details.get(name) if isinstance(details, dict) else None
+    return value if _count(value) else 0  # type: ignore[return-value]
+
+
+def plausible(usage: Usage, input_bound: int, output_cap: int) -> bool:
+    """Could the request have used this? (Output within its cap, input near its bound,
+    cached within input, reasoning within output.)"""
+    return (
+        usage.output_tokens <= output_cap
+        and usage.input_tokens <= INPUT_SLACK * input_bound
+        and usage.cached_tokens <= usage.input_tokens
+        and usage.reasoning_tokens <= usage.output_tokens
+    )
 
 
 def _count(value: object) -> bool:

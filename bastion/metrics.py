@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from bastion.credit import CreditBook
 from bastion.upstreams import UpstreamPool
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
@@ -30,10 +31,13 @@ class Metrics:
         self.tokens: Tally[tuple[str, str]] = Tally()  # (model, direction) -> tokens
         self.cost: Tally[str] = Tally()  # model -> nano-dollars
         self.estimated = 0
+        self.usage_rejected = 0  # upstream usage reports above what the request could use
+        self.uncharged = 0  # nano-dollars served that no balance could cover
+        self.store_refusals = 0  # 503s: credit could not be checked
         self.in_flight = 0
         self.ledger_queue = lambda: 0
-        self.lease_waits = lambda: 0
-        self.lease_topups = lambda: 0
+        self.dead_letters = lambda: 0
+        self.book: CreditBook | None = None
         overhead = Histogram(
             "bastion_overhead_seconds",
             "Time Bastion adds to a request, upstream time excluded",
@@ -86,14 +90,45 @@ class _GatewayCollector(Collector):
             "bastion_ledger_queue", "Settled rows waiting to be written", value=m.ledger_queue()
         )
         yield CounterMetricFamily(
+            "bastion_usage_rejected",
+            "Upstream usage reports above what the request could use (charged the worst case)",
+            value=m.usage_rejected,
+        )
+        yield CounterMetricFamily(
+            "bastion_uncharged_nanodollars",
+            "Cost of served requests that no balance could cover (ledger rows' uncharged)",
+            value=m.uncharged,
+        )
+        yield CounterMetricFamily(
+            "bastion_ledger_dead_letters",
+            "Settled rows the store refused, kept in the dead-letter table",
+            value=m.dead_letters(),
+        )
+        yield CounterMetricFamily(
+            "bastion_credit_unavailable",
+            "Requests refused with 503 because credit could not be checked",
+            value=m.store_refusals,
+        )
+        book = m.book
+        yield CounterMetricFamily(
             "bastion_credit_lease_waits",
             "Requests that waited for the store to grow their account's credit lease",
-            value=m.lease_waits(),
+            value=book.waits if book else 0,
         )
         yield CounterMetricFamily(
             "bastion_credit_lease_topups",
             "Credit leases grown in the background, before requests needed it",
-            value=m.lease_topups(),
+            value=book.topups if book else 0,
+        )
+        yield CounterMetricFamily(
+            "bastion_credit_leases_given_up",
+            "Times this gateway gave up its leases (store unreachable or leases reclaimed)",
+            value=book.distrusts if book else 0,
+        )
+        yield GaugeMetricFamily(
+            "bastion_credit_trusted",
+            "1 while this gateway's credit leases are confirmed by recent heartbeats",
+            value=1 if book and book.trusted else 0,
         )
 
 

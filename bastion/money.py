@@ -40,7 +40,20 @@ def format_usd(nanos: int) -> str:
     return f"{value:.{places}f}"
 
 
-def cost_nanos(input_tokens: int, output_tokens: int, input_price: int, output_price: int) -> int:
-    """Cost in nano-dollars of a request; prices in nano-dollars per 1M tokens; rounds up."""
-    total = input_tokens * input_price + output_tokens * output_price
+def cost_nanos(
+    input_tokens: int,
+    output_tokens: int,
+    input_price: int,
+    output_price: int,
+    cached_tokens: int = 0,
+    cached_price: int = 0,
+) -> int:
+    """Cost in nano-dollars of a request; prices in nano-dollars per 1M tokens; rounds up.
+
+    ``cached_tokens`` are part of ``input_tokens``, priced at ``cached_price`` instead."""
+    total = (
+        (input_tokens - cached_tokens) * input_price
+        + cached_tokens * cached_price
+        + output_tokens * output_price
+    )
     return -(-total // TOKENS_PER_PRICE_UNIT)

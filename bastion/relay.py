@@ -47,7 +47,7 @@ STREAM_HEADERS = {
 }
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Call:
     """One request on its way through the relay, and what became of it."""
 
@@ -68,8 +68,18 @@ class Call:
     deltas: int = 0  # streamed content events, for estimates
     body_bytes: int = 0
     input_bound: int = 0
+    output_cap: int = 0  # the output tokens admitted (cap × n)
+    epoch: int = 0  # the credit lease generation that admitted it
     first_byte_at: float = 0.0  # perf_counter when the upstream's headers came
     upstream_s: float = 0.0  # time spent waiting on the upstream
+    answer: Answer | None = None  # a stream being relayed, so it can be ended
+    aborted: str = ""  # why the gateway ended it, if it did
+
+    def abort(self, why: str) -> None:
+        """End the stream with an error event (the upstream is cancelled)."""
+        self.aborted = why
+        if self.answer is not None:
+            self.answer.abort(why)
 
 
 class Relay:
@@ -141,6 +151,9 @@ class Relay:
             if call.stream:
                 headers["Accept"] = "text/event-stream"
                 answer = await client.open(path, call.payload, headers)
+                call.answer = answer
+                if call.aborted:
+                    answer.abort(call.aborted)
             else:
                 answer = await client.post(path, call.payload, headers)
         except Unreachable as exc:
@@ -298,13 +311,15 @@ class ChatScanner:
         if event.startswith(b"data: [DONE]"):
             self.finished = True
             return event
-        if b'"usage"' in event:
+        if b'"usage"' in event:  # a usage report, or OpenAI's "usage": null in every chunk
             obj = _data(event)
             usage = usage_from(obj, "chat")
             if usage is not None:
                 self.call.usage = usage
                 if self.call.strip_usage and not obj.get("choices"):
                     return None
+            if obj.get("choices"):
+                self.call.deltas += 1
             if self.call.strip_usage:
                 for null in _USAGE_NULL:
                     event = event.replace(null, b"")

@@ -46,6 +46,10 @@ class Timeout(UpstreamHTTPError, TimeoutError):
     """The upstream sent nothing for longer than the read timeout."""
 
 
+class Aborted(UpstreamHTTPError):
+    """The gateway ended the exchange itself (e.g. the lease that paid for it was given up)."""
+
+
 class ProtocolError(UpstreamHTTPError):
     """The answer was not valid HTTP, or too large."""
 
@@ -200,6 +204,11 @@ class Answer:
                 conn.close()
                 raise
         return conn.take()
+
+    def abort(self, why: str) -> None:
+        """End the answer from our side: a waiting ``read`` raises ``Aborted(why)``."""
+        if self._conn is not None:
+            self._conn.fail(Aborted(why))
 
     def release(self) -> None:
         """Done with the answer: its connection is reused if the answer was whole, else closed."""

@@ -25,9 +25,10 @@ class ClientRequest:
     stream: bool
     store_true: bool
     items: int  # messages / input items, for the per-item token allowance
-    cap: int | None  # the client's output cap, if it sent one
+    cap: int | None  # the client's output cap as the upstream reads it, if it sent one
     cap_field: str  # the field that carries (or will carry) the cap upstream
     n: int
+    caps: tuple[tuple[str, int], ...] = ()  # every cap field sent, each checked against the model
 
 
 def parse(raw: bytes, endpoint: str) -> ClientRequest:
@@ -52,13 +53,12 @@ def parse(raw: bytes, endpoint: str) -> ClientRequest:
         n = 1
     else:
         items = _chat_messages(body)
+        # vLLM and OpenAI read max_completion_tokens first, then max_tokens: so do we
         cap = _cap(body, "max_completion_tokens")
         cap_field = "max_completion_tokens" if cap is not None else "max_tokens"
         legacy = _cap(body, "max_tokens")
         if cap is None:
             cap = legacy
-        elif legacy is not None:
-            cap = min(cap, legacy)
         n = _optional(body, "n", int)
         if n is None:
             n = 1
@@ -67,7 +67,12 @@ def parse(raw: bytes, endpoint: str) -> ClientRequest:
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise invalid("'stream_options' must be an object.", "stream_options")
-    return ClientRequest(raw, body, model, stream, store is True, items, cap, cap_field, n)
+    caps = tuple(
+        (name, body[name])
+        for name in ("max_output_tokens", "max_completion_tokens", "max_tokens")
+        if (endpoint == "responses") == (name == "max_output_tokens") and body.get(name) is not None
+    )
+    return ClientRequest(raw, body, model, stream, store is True, items, cap, cap_field, n, caps)
 
 
 def _responses_input(body: dict) -> int:

@@ -126,6 +126,7 @@ upstreams = ["sim"]
 input_price = "0.10"
 output_price = "0.50"
 max_output_tokens = 4096
+cached_input_price = "0.025"
 
 [[models]]
 id = "Mistral-7B-Instruct-v0.3"

@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from bastion.auth import hash_key, well_formed
-from bastion.store import LedgerRow, Store, StoreError, open_store
+from bastion.store import LedgerRow, RowRejected, Store, StoreError, open_store
 from bastion.store.migrate import load_migrations, split_statements
 from bastion.store.postgres import PostgresStore, redact
 from bastion.store.sqlite import SQLiteStore, sqlite_path
@@ -85,20 +85,23 @@ async def query(url: str, sql: str) -> list[tuple[Any, ...]]:
 
 
 async def invariant_holds(url: str) -> dict[str, tuple[int, int, int]]:
-    """balance == Σ credits − Σ ledger, and spent == Σ ledger, read straight from the tables."""
+    """balance == Σ credits − Σ (cost − uncharged) ≥ 0, and spent/uncharged add up, read
+    straight from the tables."""
     rows = await query(
         url,
-        "SELECT a.id, a.balance, a.spent,"
+        "SELECT a.id, a.balance, a.spent, a.uncharged,"
         " COALESCE((SELECT SUM(c.amount) FROM credits c WHERE c.account_id = a.id), 0),"
-        " COALESCE((SELECT SUM(l.cost) FROM ledger l WHERE l.account_id = a.id), 0)"
+        " COALESCE((SELECT SUM(l.cost - l.uncharged) FROM ledger l WHERE l.account_id = a.id), 0),"
+        " COALESCE((SELECT SUM(l.uncharged) FROM ledger l WHERE l.account_id = a.id), 0)"
         " FROM accounts a",
     )
     result = {}
-    for account_id, balance, spent, credits, costs in rows:
-        credits, costs = int(credits), int(costs)  # PostgreSQL's SUM is NUMERIC
-        assert balance == credits - costs, account_id
-        assert spent == costs, account_id
-        result[account_id] = (balance, credits, costs)
+    for account_id, balance, spent, uncharged, credits, collected, short in rows:
+        credits, collected = int(credits), int(collected)  # PostgreSQL's SUM is NUMERIC
+        assert balance == credits - collected >= 0, account_id
+        assert spent == collected, account_id
+        assert uncharged == int(short), account_id
+        result[account_id] = (balance, credits, collected)
     return result
 
 
@@ -337,10 +340,10 @@ async def test_write_ledger_charges_once(store: Store, db_url: str) -> None:
     key, _ = await store.create_key("acme")
     r1 = row("req_1", acct.id, key.id, 300)
     r2 = row("req_2", acct.id, key.id, 200, estimated=True, status="cancelled")
-    assert await store.write_ledger([r1, r2]) == 2
-    assert await store.write_ledger([r1, r2]) == 0  # written twice, charged once
-    assert await store.write_ledger([r2, row("req_3", acct.id, key.id, 1)]) == 1
-    assert await store.write_ledger([]) == 0
+    assert len(await store.write_ledger([r1, r2])) == 2
+    assert len(await store.write_ledger([r1, r2])) == 0  # written twice, charged once
+    assert len(await store.write_ledger([r2, row("req_3", acct.id, key.id, 1)])) == 1
+    assert len(await store.write_ledger([])) == 0
     got = await store.get_account("acme")
     assert (got.balance, got.spent) == (1_000_000 - 501, 501)
     await invariant_holds(db_url)
@@ -350,27 +353,57 @@ async def test_duplicate_inside_one_batch_is_charged_once(store: Store) -> None:
     acct = await store.create_account("acme", 1_000)
     key, _ = await store.create_key("acme")
     r = row("dup", acct.id, key.id, 100)
-    assert await store.write_ledger([r, r]) == 1
+    assert len(await store.write_ledger([r, r])) == 1
     assert (await store.get_account("acme")).balance == 900
 
 
-async def test_write_ledger_may_overdraw(store: Store, db_url: str) -> None:
-    """Preventing overdraft is the gateway's reservation; the ledger records what happened."""
+async def test_write_ledger_never_overdraws_the_shortfall_is_uncharged(
+    store: Store, db_url: str
+) -> None:
+    """A cost the balance cannot cover keeps its exact value; the rest is ``uncharged``."""
     acct = await store.create_account("acme", 100)
     key, _ = await store.create_key("acme")
-    assert await store.write_ledger([row("big", acct.id, key.id, 250)]) == 1
+    [written] = await store.write_ledger([row("big", acct.id, key.id, 250)])
+    assert (written.cost, written.uncharged) == (250, 150)
     got = await store.get_account("acme")
-    assert (got.balance, got.spent) == (-150, 250)
-    with pytest.raises(StoreError, match=r"balance is -0\.00000015 USD"):
-        await store.credit_account("acme", -1)
+    assert (got.balance, got.spent, got.uncharged) == (0, 100, 150)
+    [stored] = await store.usage("acme")
+    assert (stored.cost, stored.uncharged) == (250, 150)
     await invariant_holds(db_url)
+
+
+async def test_a_lease_pays_first_then_unleased_credit(store: Store) -> None:
+    """Another gateway's lease is never spent: only ours and what nobody holds."""
+    acct = await store.create_account("acme", 1_000)
+    key, _ = await store.create_key("acme")
+    await store.lease("gw1", acct.id, 300)
+    await store.lease("gw2", acct.id, 500)  # 200 left unleased
+    [r] = await store.write_ledger([row("r", acct.id, key.id, 600, leased=300)], "gw1")
+    assert (r.leased, r.uncharged) == (300, 100)  # 300 lease + 200 unleased, 100 short
+    got = await store.get_account("acme")
+    assert (got.balance, got.reserved, got.uncharged) == (500, 500, 100)
+    # a row the lease does not back (its lease was reclaimed) takes only unleased credit
+    [r2] = await store.write_ledger([row("r2", acct.id, key.id, 50)], "gw2")
+    assert (r2.leased, r2.uncharged) == (0, 50)
+    assert (await store.get_account("acme")).balance == 500
+
+
+async def test_a_value_no_column_holds_is_refused_before_the_batch(store: Store) -> None:
+    acct = await store.create_account("acme", 1_000)
+    key, _ = await store.create_key("acme")
+    with pytest.raises(RowRejected, match="out of range"):
+        await store.write_ledger([row("huge", acct.id, key.id, 1, output_tokens=10**19)])
+    assert await store.usage() == []
+    await store.dead_letter(row("huge", acct.id, key.id, 1, output_tokens=10**19), "out of range")
+    data = await store.audit_data()
+    assert data.dead_letters == [("huge", acct.id, "out of range")]
 
 
 async def test_write_ledger_is_one_transaction(store: Store) -> None:
     """A bad row (unknown account) rolls back the whole batch: nothing half-charged."""
     acct = await store.create_account("acme", 1_000)
     key, _ = await store.create_key("acme")
-    with pytest.raises((sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)):
+    with pytest.raises(RowRejected):
         await store.write_ledger(
             [row("ok", acct.id, key.id, 100), row("bad", "acct_missing", key.id, 5)]
         )
@@ -420,7 +453,7 @@ async def test_a_ledger_write_spends_balance_and_lease_together(store: Store) ->
     a = await store.create_account("a", 1_000)
     key, _ = await store.create_key("a")
     await store.lease("gw1", a.id, 500)
-    await store.write_ledger([row("r1", a.id, key.id, 200)], "gw1")
+    await store.write_ledger([row("r1", a.id, key.id, 200, leased=200)], "gw1")
     got = await store.get_account("a")
     assert (got.balance, got.reserved, got.spent) == (800, 300, 200)
     # the other 500 were never leased: still free for any gateway
@@ -462,7 +495,7 @@ async def test_two_stores_on_one_file(db_url: str) -> None:
         # both write the same request concurrently: charged exactly once
         r = row("same", acct.id, key.id, 1_234)
         counts = await asyncio.gather(s1.write_ledger([r]), s2.write_ledger([r]))
-        assert sorted(counts) == [0, 1]
+        assert sorted(map(len, counts)) == [0, 1]
         assert (await s1.get_account("shared")).balance == 10_000 - 1_234
     finally:
         await s1.close()

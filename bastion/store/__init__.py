@@ -30,10 +30,11 @@ class Conflict(StoreError):
 class Account:
     id: str  # "acct_…"
     name: str
-    balance: int  # nano-dollars: credits granted − Σ ledger costs
-    spent: int  # nano-dollars: Σ ledger costs
+    balance: int  # nano-dollars: credits granted − spent
+    spent: int  # nano-dollars collected: Σ (ledger.cost − ledger.uncharged)
     reserved: int  # nano-dollars leased by running gateways (requests in flight + headroom)
     created_at: int  # µs since epoch
+    uncharged: int = 0  # nano-dollars served but never collected: Σ ledger.uncharged
 
 
 @dataclass(frozen=True)
@@ -59,10 +60,16 @@ class LedgerRow:
     endpoint: str  # "responses" | "chat"
     input_tokens: int
     output_tokens: int
-    cost: int  # nano-dollars
+    cost: int  # nano-dollars: always the exact price of the row's tokens
     estimated: bool
     status: str  # HTTP status the client got ("200", "502", …) or "cancelled"
     created_at: int
+    cached_input_tokens: int = 0  # part of input_tokens, at the cached-input price
+    reasoning_tokens: int = 0  # part of output_tokens (recorded, not charged twice)
+    uncharged: int = 0  # the part of cost the account could not cover (set by the store)
+    leased: int = 0
+    """Not stored. Going in: how much of ``cost`` the writing gateway's lease backs.
+    Coming back from ``write_ledger``: how much was taken from that lease."""
 
 
 @dataclass(frozen=True)
@@ -92,30 +99,56 @@ class Store(Protocol):
     async def usage(
         self, account: str | None = None, since_us: int | None = None
     ) -> list[LedgerRow]: ...
+    async def audit_data(self) -> AuditData: ...
 
     # gateways: credit leases (see 0002_leases.sql) and the ledger
     async def snapshot(self) -> Snapshot: ...
     async def keys_changed(self, since_us: int) -> list[ApiKey]: ...
-    async def heartbeat(self, gateway_id: str) -> None: ...
+    async def heartbeat(self, gateway_id: str) -> bool: ...
     async def lease(self, gateway_id: str, account_id: str, want: int) -> tuple[int, int]: ...
     async def release(self, gateway_id: str, amounts: dict[str, int]) -> None: ...
+    async def sync_lease(self, gateway_id: str, account_id: str, amount: int) -> int: ...
     async def retire(self, gateway_id: str) -> None: ...
-    async def write_ledger(self, rows: list[LedgerRow], gateway_id: str | None = None) -> int: ...
+    async def write_ledger(
+        self, rows: list[LedgerRow], gateway_id: str | None = None
+    ) -> list[LedgerRow]: ...
+    async def dead_letter(self, row: LedgerRow, error: str) -> None: ...
     async def ping(self) -> None: ...
+
+
+class RowRejected(StoreError):
+    """The database refused a ledger batch for its data (a value out of range, a missing
+    account), not for being unreachable: retrying the same batch cannot help."""
+
+
+@dataclass(frozen=True)
+class AuditData:
+    """Everything ``bastion audit`` recomputes balances from, read in one snapshot."""
+
+    accounts: list[Account]
+    grants: dict[str, int]  # account id -> Σ credits.amount
+    ledger: dict[str, tuple[int, int, int, int]]  # id -> (rows, Σ cost, Σ uncharged, estimated)
+    leases: dict[str, int]  # account id -> Σ live leases
+    stale_leases: dict[str, int]  # account id -> Σ leases of gateways past the TTL
+    dead_letters: list[tuple[str, str, str]]  # (request_id, account_id, error)
 
 
 LEASE_TTL_US = 30_000_000
 """A gateway's leases count until 30 s after its last heartbeat, then are reclaimed."""
 
 
-def open_store(url: str) -> Store:
-    """``sqlite:///rel.db`` / ``sqlite:////abs.db`` (SQLAlchemy form) or ``postgresql://…``."""
+def open_store(url: str, lease_ttl_s: float = LEASE_TTL_US / 1e6) -> Store:
+    """``sqlite:///rel.db`` / ``sqlite:////abs.db`` (SQLAlchemy form) or ``postgresql://…``.
+
+    ``lease_ttl_s``: how long after its last heartbeat a gateway's leases still count;
+    every replica and the CLI must use the same value (config ``lease_ttl_s``)."""
+    ttl_us = int(lease_ttl_s * 1_000_000)
     if url.startswith("sqlite:"):
         from bastion.store.sqlite import SQLiteStore
 
-        return SQLiteStore(url)
+        return SQLiteStore(url, ttl_us)
     if url.startswith(("postgresql:", "postgres:")):
         from bastion.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        return PostgresStore(url, lease_ttl_us=ttl_us)
     raise StoreError(f"unsupported database url {url!r}: use sqlite:///… or postgresql://…")

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass, replace
 from typing import Any
 
-from bastion.store import ApiKey, LedgerRow, StoreError
+from bastion.store import ApiKey, LedgerRow, RowRejected, StoreError
+
+# The most a BIGINT column holds: a row beyond it is refused before it reaches the driver.
+BIGINT_MAX = 2**63 - 1
 
 KEY_SELECT = """
 SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.rpm, k.tpm,
@@ -20,7 +24,7 @@ FROM api_keys k JOIN accounts a ON a.id = k.account_id
 
 LEDGER_COLUMNS = (
     "request_id, account_id, key_id, model, endpoint, input_tokens, output_tokens,"
-    " cost, estimated, status, created_at"
+    " cost, estimated, status, created_at, cached_input_tokens, reasoning_tokens, uncharged"
 )
 
 
@@ -33,7 +37,8 @@ def live_leases(cutoff: str) -> str:
 
 def account_select(cutoff: str, cast: str = "") -> str:
     return f"""
-SELECT a.id, a.name, a.balance, a.spent, {live_leases(cutoff)}{cast}, a.created_at
+SELECT a.id, a.name, a.balance, a.spent, {live_leases(cutoff)}{cast}, a.created_at,
+       a.uncharged
 FROM accounts a
 """
 
@@ -73,7 +78,7 @@ def ledger_values(row: LedgerRow) -> tuple[Any, ...]:
     return (
         row.request_id, row.account_id, row.key_id, row.model, row.endpoint,
         row.input_tokens, row.output_tokens, row.cost, int(row.estimated), row.status,
-        row.created_at,
+        row.created_at, row.cached_input_tokens, row.reasoning_tokens, row.uncharged,
     )  # fmt: skip
 
 
@@ -81,3 +86,76 @@ def ledger_row(row: tuple[Any, ...]) -> LedgerRow:
     values = list(row)
     values[8] = bool(values[8])  # estimated
     return LedgerRow(*values)
+
+
+def dead_letter_json(row: LedgerRow) -> str:
+    """A refused row, whole, as text (huge integers included): nothing served is lost."""
+    import json
+    from dataclasses import asdict
+
+    return json.dumps(asdict(row), sort_keys=True)
+
+
+def new_rows(rows: list[LedgerRow], existing: set[str]) -> list[LedgerRow]:
+    """The rows not yet in the ledger, first of a repeated request id, in request-id order
+    (so two replicas writing overlapping batches lock in the same order)."""
+    unique: dict[str, LedgerRow] = {}
+    for row in rows:
+        if row.request_id not in existing:
+            unique.setdefault(row.request_id, row)
+    return [unique[rid] for rid in sorted(unique)]
+
+
+def check_row(row: LedgerRow) -> None:
+    """Refuse a row no ledger column can hold, before it can poison a whole batch."""
+    for value in ledger_values(row):
+        if isinstance(value, int) and not -BIGINT_MAX <= value <= BIGINT_MAX:
+            raise RowRejected(f"ledger row {row.request_id}: {value} is out of range")
+
+
+@dataclass(slots=True)
+class Funds:
+    """One account at write time: its balance, this gateway's live lease, all live leases."""
+
+    balance: int
+    own_lease: int
+    live_leases: int
+
+    @property
+    def unleased(self) -> int:
+        return max(0, self.balance - self.live_leases)
+
+
+def allocate(rows: list[LedgerRow], funds: dict[str, Funds]) -> list[LedgerRow]:
+    """Decide what each new row collects, so that no balance ever goes below zero.
+
+    A row's cost is paid first from the writing gateway's live lease (up to what the
+    gateway says the lease backs, ``row.leased``), then from credit nobody has leased;
+    what is still missing is ``uncharged``. The balance therefore never drops below
+    the live leases, which never exceed it. Returns the rows as stored, with ``leased``
+    = what was taken from the lease. ``funds`` is updated in place.
+    """
+    out = []
+    for row in rows:
+        f = funds[row.account_id]
+        from_lease = min(row.leased, f.own_lease, row.cost)
+        f.own_lease -= from_lease
+        f.live_leases -= from_lease
+        f.balance -= from_lease
+        rest = row.cost - from_lease
+        from_free = min(rest, f.unleased)
+        f.balance -= from_free
+        out.append(replace(row, uncharged=rest - from_free, leased=from_lease))
+    return out
+
+
+def charges(rows: list[LedgerRow]) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """Per account: (collected, uncharged), and what came out of the writer's lease."""
+    money: dict[str, tuple[int, int]] = {}
+    taken: dict[str, int] = {}
+    for row in rows:
+        collected, uncharged = money.get(row.account_id, (0, 0))
+        money[row.account_id] = (collected + row.cost - row.uncharged, uncharged + row.uncharged)
+        if row.leased:
+            taken[row.account_id] = taken.get(row.account_id, 0) + row.leased
+    return money, taken

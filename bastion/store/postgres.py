@@ -34,21 +34,30 @@ from bastion.store import (
     LEASE_TTL_US,
     Account,
     ApiKey,
+    AuditData,
     Conflict,
     LedgerRow,
     NotFound,
+    RowRejected,
     Snapshot,
     StoreError,
 )
 from bastion.store.common import (
     KEY_SELECT,
     LEDGER_COLUMNS,
+    Funds,
     account_select,
+    allocate,
     api_key,
+    charges,
     check_limits,
+    check_row,
+    dead_letter_json,
     ledger_row,
+    ledger_values,
     live_leases,
     new_id,
+    new_rows,
     now_us,
 )
 from bastion.store.migrate import migrate_postgres
@@ -59,18 +68,33 @@ if TYPE_CHECKING:
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 10
 CLOSE_TIMEOUT_S = 10.0
+CONNECT_TIMEOUT_S = 5.0  # a black-holed database: refuse promptly rather than hang
+COMMAND_TIMEOUT_S = 10.0
+ACQUIRE_TIMEOUT_S = 5.0
 
-_LIVE_LEASES = live_leases("$1") + "::BIGINT"
-_ACCOUNT_SELECT = account_select("$1", "::BIGINT")
+# Lease times come from the database's clock, so replicas whose clocks disagree still
+# agree on which gateways are live. $1 is the lease TTL in µs.
+DB_NOW = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT"
+_CUTOFF = f"({DB_NOW} - $1::BIGINT)"
+_LIVE_LEASES = live_leases(_CUTOFF) + "::BIGINT"
+_ACCOUNT_SELECT = account_select(_CUTOFF, "::BIGINT")
 
-# One statement for a whole batch; RETURNING names exactly the rows that were new.
+# One statement for a whole batch of rows already known to be new.
 _INSERT_LEDGER = f"""
 INSERT INTO ledger ({LEDGER_COLUMNS})
 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
                      $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::SMALLINT[], $10::TEXT[],
-                     $11::BIGINT[])
-ON CONFLICT (request_id) DO NOTHING
-RETURNING account_id, cost
+                     $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], $14::BIGINT[])
+"""
+
+# Per account of a batch (locked first): balance, this gateway's live lease, all live leases.
+_FUNDS = f"""
+SELECT a.id, a.balance,
+       COALESCE((SELECT l.amount FROM leases l JOIN gateways g ON g.id = l.gateway_id
+                 WHERE l.account_id = a.id AND l.gateway_id = $3
+                   AND g.seen_at >= {_CUTOFF}), 0)::BIGINT,
+       {_LIVE_LEASES}
+FROM accounts a WHERE a.id = ANY($2::TEXT[])
 """
 
 _PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
@@ -85,12 +109,17 @@ class PostgresStore:
     """The Store protocol (bastion.store.Store) on a PostgreSQL database, via an asyncpg pool."""
 
     def __init__(
-        self, url: str, min_size: int = POOL_MIN_SIZE, max_size: int = POOL_MAX_SIZE
+        self,
+        url: str,
+        min_size: int = POOL_MIN_SIZE,
+        max_size: int = POOL_MAX_SIZE,
+        lease_ttl_us: int = LEASE_TTL_US,
     ) -> None:
         if not url.startswith(("postgresql://", "postgres://")):
             raise StoreError(f"not a PostgreSQL url: {redact(url)!r}")
         self.url = url
         self.min_size, self.max_size = min_size, max_size
+        self.ttl = lease_ttl_us
         self._pool: asyncpg.Pool | None = None
         self._opening = asyncio.Lock()  # binds to a loop only when first contended
 
@@ -110,9 +139,18 @@ class PostgresStore:
                     ) from None
                 try:
                     pool = await asyncpg.create_pool(
-                        self.url, min_size=self.min_size, max_size=self.max_size
+                        self.url,
+                        min_size=self.min_size,
+                        max_size=self.max_size,
+                        timeout=CONNECT_TIMEOUT_S,
+                        command_timeout=COMMAND_TIMEOUT_S,
                     )
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except (
+                    OSError,
+                    TimeoutError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                ) as exc:
                     raise StoreError(
                         f"cannot connect to database {redact(self.url)}: {exc}"
                     ) from None
@@ -128,14 +166,14 @@ class PostgresStore:
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[asyncpg.Connection]:
         pool = await self._get_pool()
-        async with pool.acquire() as conn:
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
             yield conn
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[asyncpg.Connection]:
         """One write transaction on one pooled connection; any exception rolls it back."""
         pool = await self._get_pool()
-        async with pool.acquire() as conn, conn.transaction():
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction():
             yield conn
 
     # ---- lifecycle ------------------------------------------------------------------
@@ -190,7 +228,7 @@ class PostgresStore:
                     credit,
                     now,
                 )
-            return await _account(conn, name)
+            return await _account(conn, name, self.ttl)
 
     async def credit_account(self, name: str, amount: int) -> Account:
         if amount == 0:
@@ -199,7 +237,7 @@ class PostgresStore:
             # Lock first: leases and ledger charges of this account wait until we commit,
             # so the balance and the leases read below cannot move under the check.
             await conn.execute("SELECT 1 FROM accounts WHERE name = $1 FOR UPDATE", name)
-            account = await _account(conn, name)
+            account = await _account(conn, name, self.ttl)
             if account.balance - account.reserved + amount < 0:
                 held = f" ({format_usd(account.reserved)} USD held by running gateways)"
                 raise Conflict(
@@ -217,15 +255,15 @@ class PostgresStore:
             await conn.execute(
                 "UPDATE accounts SET balance = balance + $1 WHERE id = $2", amount, account.id
             )
-            return await _account(conn, name)
+            return await _account(conn, name, self.ttl)
 
     async def get_account(self, name: str) -> Account:
         async with self._read() as conn:
-            return await _account(conn, name)
+            return await _account(conn, name, self.ttl)
 
     async def list_accounts(self) -> list[Account]:
         async with self._read() as conn:
-            rows = await conn.fetch(_ACCOUNT_SELECT + "ORDER BY a.name", now_us() - LEASE_TTL_US)
+            rows = await conn.fetch(_ACCOUNT_SELECT + "ORDER BY a.name", self.ttl)
         return [Account(*row) for row in rows]
 
     # ---- keys -----------------------------------------------------------------------
@@ -310,45 +348,109 @@ class PostgresStore:
             rows = await conn.fetch(sql + " ORDER BY created_at, request_id", *params)
         return [ledger_row(row) for row in rows]
 
-    async def write_ledger(self, rows: list[LedgerRow], gateway_id: str | None = None) -> int:
-        """Insert new rows and charge them in one transaction; a repeated request_id is a no-op.
+    async def write_ledger(
+        self, rows: list[LedgerRow], gateway_id: str | None = None
+    ) -> list[LedgerRow]:
+        """Insert new rows and collect their cost in one transaction; returns the new rows.
 
-        With ``gateway_id``, the charged cost also leaves that gateway's lease, so the
-        live leases never exceed the balance. Rows go in request-id order and charges
-        in account-id order, so two replicas writing overlapping batches never deadlock.
+        A repeated request_id is a no-op. Each row's cost comes out of ``gateway_id``'s
+        live lease (up to ``row.leased``), then out of unleased credit; the rest is the
+        row's ``uncharged`` (``common.allocate``), so no balance goes below zero. Accounts
+        are locked in id order, then rows go in request-id order: two replicas writing
+        overlapping batches never deadlock.
         """
+        import asyncpg
+
         if not rows:
-            return 0
-        unique: dict[str, LedgerRow] = {}
-        for row in rows:  # the first of a repeated request_id wins, as on SQLite
-            unique.setdefault(row.request_id, row)
-        batch = [unique[rid] for rid in sorted(unique)]
-        columns = (
-            [r.request_id for r in batch],
-            [r.account_id for r in batch],
-            [r.key_id for r in batch],
-            [r.model for r in batch],
-            [r.endpoint for r in batch],
-            [r.input_tokens for r in batch],
-            [r.output_tokens for r in batch],
-            [r.cost for r in batch],
-            [int(r.estimated) for r in batch],
-            [r.status for r in batch],
-            [r.created_at for r in batch],
-        )
-        async with self._write() as conn:
-            inserted = await conn.fetch(_INSERT_LEDGER, *columns)
-            charges: dict[str, int] = {}
-            for account_id, cost in inserted:
-                charges[account_id] = charges.get(account_id, 0) + cost
-            if charges:
-                await conn.executemany(
-                    "UPDATE accounts SET balance = balance - $1, spent = spent + $1 WHERE id = $2",
-                    [(charges[a], a) for a in sorted(charges)],
+            return []
+        for row in rows:
+            check_row(row)
+        try:
+            async with self._write() as conn:
+                accounts = sorted({r.account_id for r in rows})
+                await conn.execute(
+                    "SELECT 1 FROM accounts WHERE id = ANY($1::TEXT[]) ORDER BY id FOR UPDATE",
+                    accounts,
                 )
-            if gateway_id is not None:
-                await _shrink_leases(conn, gateway_id, charges)
-        return len(inserted)
+                found = await conn.fetch(
+                    "SELECT request_id FROM ledger WHERE request_id = ANY($1::TEXT[])",
+                    [r.request_id for r in rows],
+                )
+                batch = new_rows(rows, {r[0] for r in found})
+                funds = {
+                    a: Funds(balance, own, live)
+                    for a, balance, own, live in await conn.fetch(
+                        _FUNDS, self.ttl, accounts, gateway_id or ""
+                    )
+                }
+                if missing := {r.account_id for r in batch} - set(funds):
+                    raise RowRejected(f"ledger rows for unknown accounts {sorted(missing)}")
+                batch = allocate(batch, funds)
+                if batch:
+                    await conn.execute(_INSERT_LEDGER, *_columns(batch))
+                money, taken = charges(batch)
+                await conn.executemany(
+                    "UPDATE accounts SET balance = balance - $1, spent = spent + $1,"
+                    " uncharged = uncharged + $2 WHERE id = $3",
+                    [(*money[a], a) for a in sorted(money)],
+                )
+                if gateway_id is not None:
+                    await _shrink_leases(conn, gateway_id, taken)
+        except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
+            raise RowRejected(str(exc)) from exc
+        return batch
+
+    async def dead_letter(self, row: LedgerRow, error: str) -> None:
+        """Keep a row the ledger refused, whole, for the audit (a repeat is a no-op)."""
+        async with self._write() as conn:
+            await conn.execute(
+                "INSERT INTO dead_letters (request_id, account_id, row_json, error, created_at)"
+                " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (request_id) DO NOTHING",
+                row.request_id,
+                row.account_id,
+                dead_letter_json(row),
+                error[:2000],
+                now_us(),
+            )
+
+    async def audit_data(self) -> AuditData:
+        """One REPEATABLE READ snapshot: every figure the audit compares is from one moment."""
+        pool = await self._get_pool()
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn, conn.transaction(
+            isolation="repeatable_read", readonly=True
+        ):
+            accounts = [Account(*r) for r in await conn.fetch(_ACCOUNT_SELECT, self.ttl)]
+            grants = dict(
+                await conn.fetch("SELECT account_id, SUM(amount) FROM credits GROUP BY 1")
+            )
+            ledger = {
+                r[0]: (r[1], r[2], r[3], r[4])
+                for r in await conn.fetch(
+                    "SELECT account_id, COUNT(*), SUM(cost), SUM(uncharged), SUM(estimated)"
+                    " FROM ledger GROUP BY 1"
+                )
+            }
+            live, stale = {}, {}
+            for account_id, is_live, amount in await conn.fetch(
+                f"SELECT l.account_id, COALESCE(g.seen_at >= {_CUTOFF}, FALSE), SUM(l.amount)"
+                " FROM leases l LEFT JOIN gateways g ON g.id = l.gateway_id GROUP BY 1, 2",
+                self.ttl,
+            ):
+                (live if is_live else stale)[account_id] = int(amount)
+            dead = [
+                tuple(r)
+                for r in await conn.fetch(
+                    "SELECT request_id, account_id, error FROM dead_letters ORDER BY created_at"
+                )
+            ]
+        return AuditData(
+            accounts=accounts,
+            grants={a: int(v) for a, v in grants.items()},
+            ledger={a: tuple(int(x) for x in v) for a, v in ledger.items()},  # type: ignore[misc]
+            leases=live,
+            stale_leases=stale,
+            dead_letters=dead,  # type: ignore[arg-type]
+        )
 
     # ---- gateways -------------------------------------------------------------------
 
@@ -364,28 +466,30 @@ class PostgresStore:
             rows = await conn.fetch(KEY_SELECT + "WHERE k.updated_at >= $1", since_us)
         return [api_key(r) for r in rows]
 
-    async def heartbeat(self, gateway_id: str) -> None:
-        """This gateway is alive; leases of gateways silent past the TTL are reclaimed."""
-        now = now_us()
+    async def heartbeat(self, gateway_id: str) -> bool:
+        """This gateway is alive; leases of gateways silent past the TTL are reclaimed.
+
+        Returns whether the store still knew this gateway: False after it was reaped
+        (its leases are gone) or on its first beat."""
         async with self._write() as conn:
-            await _touch(conn, gateway_id, now)
+            known = await _touch(conn, gateway_id)
             # SKIP LOCKED: a silent gateway that is leasing right now (it holds its row) is
             # alive after all, and one another reaper holds is being reaped already.
             dead = await conn.fetch(
-                "DELETE FROM gateways WHERE id IN (SELECT id FROM gateways WHERE seen_at < $1"
-                " ORDER BY id FOR UPDATE SKIP LOCKED) RETURNING id",
-                now - LEASE_TTL_US,
+                "DELETE FROM gateways WHERE id IN (SELECT id FROM gateways"
+                f" WHERE seen_at < {_CUTOFF} ORDER BY id FOR UPDATE SKIP LOCKED) RETURNING id",
+                self.ttl,
             )
             if dead:
                 await conn.execute(
                     "DELETE FROM leases WHERE gateway_id = ANY($1::TEXT[])", [r[0] for r in dead]
                 )
+        return known
 
     async def lease(self, gateway_id: str, account_id: str, want: int) -> tuple[int, int]:
         """Grant up to ``want`` of the account's unleased credit: (granted, still unleased)."""
-        now = now_us()
         async with self._write() as conn:
-            await _touch(conn, gateway_id, now)
+            await _touch(conn, gateway_id)
             # The account row lock serialises every lease of this account across replicas;
             # the sum is a later statement, so it sees every lease committed before ours.
             balance = await conn.fetchval(
@@ -394,9 +498,7 @@ class PostgresStore:
             if balance is None:
                 return 0, 0
             leased = await conn.fetchval(
-                f"SELECT {_LIVE_LEASES} FROM accounts a WHERE a.id = $2",
-                now - LEASE_TTL_US,
-                account_id,
+                f"SELECT {_LIVE_LEASES} FROM accounts a WHERE a.id = $2", self.ttl, account_id
             )
             free = max(0, balance - leased)
             grant = max(0, min(want, free))
@@ -411,6 +513,27 @@ class PostgresStore:
                 )
         return grant, free - grant
 
+    async def sync_lease(self, gateway_id: str, account_id: str, amount: int) -> int:
+        """Agree with the gateway on one lease after a doubt: both become the smaller value.
+
+        Credit the store holds that the gateway no longer counts goes back to the others;
+        a gateway that counts more than the store holds learns the truth."""
+        async with self._write() as conn:
+            held = await conn.fetchval(
+                "SELECT amount FROM leases WHERE gateway_id = $1 AND account_id = $2 FOR UPDATE",
+                gateway_id,
+                account_id,
+            )
+            agreed = max(0, min(held or 0, amount))
+            if held is not None and agreed != held:
+                await conn.execute(
+                    "UPDATE leases SET amount = $1 WHERE gateway_id = $2 AND account_id = $3",
+                    agreed,
+                    gateway_id,
+                    account_id,
+                )
+        return agreed
+
     async def release(self, gateway_id: str, amounts: dict[str, int]) -> None:
         """Give leased credit back (never below zero)."""
         if amounts:
@@ -424,8 +547,8 @@ class PostgresStore:
             await conn.execute("DELETE FROM gateways WHERE id = $1", gateway_id)
 
 
-async def _account(conn: asyncpg.Connection, name: str) -> Account:
-    row = await conn.fetchrow(_ACCOUNT_SELECT + "WHERE a.name = $2", now_us() - LEASE_TTL_US, name)
+async def _account(conn: asyncpg.Connection, name: str, ttl: int = LEASE_TTL_US) -> Account:
+    row = await conn.fetchrow(_ACCOUNT_SELECT + "WHERE a.name = $2", ttl, name)
     if row is None:
         raise NotFound(f"no account named {name!r}")
     return Account(*row)
@@ -438,13 +561,24 @@ async def _key(conn: asyncpg.Connection, key_id: str) -> ApiKey:
     return api_key(row)
 
 
-async def _touch(conn: asyncpg.Connection, gateway_id: str, now: int) -> None:
-    await conn.execute(
-        "INSERT INTO gateways (id, seen_at) VALUES ($1, $2)"
-        " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
-        gateway_id,
-        now,
+async def _touch(conn: asyncpg.Connection, gateway_id: str) -> bool:
+    """Stamp the gateway as seen now (database clock); False if it was not known."""
+    updated = await conn.fetchval(
+        f"UPDATE gateways SET seen_at = {DB_NOW} WHERE id = $1 RETURNING 1", gateway_id
     )
+    if updated:
+        return True
+    await conn.execute(
+        f"INSERT INTO gateways (id, seen_at) VALUES ($1, {DB_NOW})"
+        f" ON CONFLICT (id) DO UPDATE SET seen_at = {DB_NOW}",
+        gateway_id,
+    )
+    return False
+
+
+def _columns(batch: list[LedgerRow]) -> tuple[list[Any], ...]:
+    """The batch as one array per ledger column, for unnest()."""
+    return tuple(list(c) for c in zip(*(ledger_values(r) for r in batch), strict=True))
 
 
 async def _shrink_leases(

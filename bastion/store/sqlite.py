@@ -24,25 +24,35 @@ from bastion.store import (
     LEASE_TTL_US,
     Account,
     ApiKey,
+    AuditData,
     Conflict,
     LedgerRow,
     NotFound,
+    RowRejected,
     Snapshot,
     StoreError,
 )
 from bastion.store.common import (
     KEY_SELECT,
     LEDGER_COLUMNS,
+    Funds,
     account_select,
+    allocate,
     api_key,
+    charges,
     check_limits,
+    check_row,
+    dead_letter_json,
     ledger_row,
     ledger_values,
     live_leases,
     new_id,
+    new_rows,
     now_us,
 )
 from bastion.store.migrate import migrate_sqlite
+
+GRANTS_SQL = "SELECT account_id, SUM(amount) FROM credits GROUP BY 1"
 
 T = TypeVar("T")
 
@@ -70,8 +80,9 @@ def sqlite_path(url: str) -> str:
 class SQLiteStore:
     """The Store protocol (bastion.store.Store) on one SQLite file."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, lease_ttl_us: int = LEASE_TTL_US) -> None:
         self.url = url
+        self.ttl = lease_ttl_us  # one machine, one clock: lease times use Python's
         self.path = sqlite_path(url)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bastion-sqlite")
         self._conn: sqlite3.Connection | None = None  # touched only on the worker thread
@@ -195,7 +206,7 @@ class SQLiteStore:
 
     def _account(self, conn: sqlite3.Connection, name: str) -> Account:
         row = conn.execute(
-            _ACCOUNT_SELECT + "WHERE a.name = ?", (now_us() - LEASE_TTL_US, name)
+            _ACCOUNT_SELECT + "WHERE a.name = ?", (now_us() - self.ttl, name)
         ).fetchone()
         if row is None:
             raise NotFound(f"no account named {name!r}")
@@ -203,7 +214,7 @@ class SQLiteStore:
 
     async def list_accounts(self) -> list[Account]:
         def _list(conn: sqlite3.Connection) -> list[Account]:
-            rows = conn.execute(_ACCOUNT_SELECT + "ORDER BY a.name", (now_us() - LEASE_TTL_US,))
+            rows = conn.execute(_ACCOUNT_SELECT + "ORDER BY a.name", (now_us() - self.ttl,))
             return [Account(*row) for row in rows]
 
         return await self._run(_list)
@@ -302,46 +313,109 @@ class SQLiteStore:
 
         return await self._run(_usage)
 
-    async def write_ledger(self, rows: list[LedgerRow], gateway_id: str | None = None) -> int:
-        """Insert new rows and charge them in one transaction; a repeated request_id is a no-op.
+    async def write_ledger(
+        self, rows: list[LedgerRow], gateway_id: str | None = None
+    ) -> list[LedgerRow]:
+        """Insert new rows and collect their cost in one transaction; returns the new rows.
 
-        With ``gateway_id``, the charged cost also leaves that gateway's lease, so the
-        live leases never exceed the balance.
+        A repeated request_id is a no-op. Each row's cost comes out of ``gateway_id``'s
+        live lease (up to ``row.leased``), then out of unleased credit; the rest is the
+        row's ``uncharged`` (``common.allocate``), so no balance goes below zero.
         """
         if not rows:
-            return 0
+            return []
+        for row in rows:
+            check_row(row)
         return await self._run(self._write_ledger, list(rows), gateway_id)
 
     def _write_ledger(
         self, conn: sqlite3.Connection, rows: list[LedgerRow], gateway_id: str | None
-    ) -> int:
-        charges: dict[str, int] = {}
-        with self._write(conn):
-            seen: set[str] = set()  # request ids already in the ledger, or earlier in the batch
-            ids = [row.request_id for row in rows]
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                sql = f"SELECT request_id FROM ledger WHERE request_id IN ({marks})"
-                seen.update(found for (found,) in conn.execute(sql, chunk))
-            new = []
-            for row in rows:
-                if row.request_id not in seen:
-                    seen.add(row.request_id)
-                    new.append(row)
-            conn.executemany(  # one C loop: the worker thread holds the GIL as little as it can
-                f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [ledger_values(row) for row in new],
-            )
-            for row in new:
-                charges[row.account_id] = charges.get(row.account_id, 0) + row.cost
-            conn.executemany(  # fixed order: no lock-order deadlocks
-                "UPDATE accounts SET balance = balance - ?, spent = spent + ? WHERE id = ?",
-                [(charges[a], charges[a], a) for a in sorted(charges)],
-            )
-            if gateway_id is not None:
-                self._shrink_leases(conn, gateway_id, charges)
-        return len(new)
+    ) -> list[LedgerRow]:
+        try:
+            with self._write(conn):
+                seen: set[str] = set()  # request ids already in the ledger
+                ids = [row.request_id for row in rows]
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    marks = ",".join("?" * len(chunk))
+                    sql = f"SELECT request_id FROM ledger WHERE request_id IN ({marks})"
+                    seen.update(found for (found,) in conn.execute(sql, chunk))
+                batch = new_rows(rows, seen)
+                funds = {a: self._funds(conn, a, gateway_id) for a in {r.account_id for r in batch}}
+                if missing := sorted(a for a, f in funds.items() if f is None):
+                    raise RowRejected(f"ledger rows for unknown accounts {missing}")
+                batch = allocate(batch, funds)  # type: ignore[arg-type]
+                conn.executemany(  # one C loop: the worker holds the GIL as little as it can
+                    f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES ({','.join('?' * 14)})",
+                    [ledger_values(row) for row in batch],
+                )
+                money, taken = charges(batch)
+                conn.executemany(  # fixed order: no lock-order deadlocks
+                    "UPDATE accounts SET balance = balance - ?, spent = spent + ?,"
+                    " uncharged = uncharged + ? WHERE id = ?",
+                    [(money[a][0], money[a][0], money[a][1], a) for a in sorted(money)],
+                )
+                if gateway_id is not None:
+                    self._shrink_leases(conn, gateway_id, taken)
+        except (sqlite3.IntegrityError, OverflowError) as exc:
+            raise RowRejected(str(exc)) from exc
+        return batch
+
+    def _funds(self, conn: sqlite3.Connection, account_id: str, gateway_id: str | None) -> Funds:
+        cutoff = now_us() - self.ttl
+        row = conn.execute(
+            "SELECT a.balance, COALESCE((SELECT l.amount FROM leases l JOIN gateways g"
+            " ON g.id = l.gateway_id WHERE l.account_id = a.id AND l.gateway_id = ?"
+            f" AND g.seen_at >= ?), 0), {live_leases('?')} FROM accounts a WHERE a.id = ?",
+            (gateway_id or "", cutoff, cutoff, account_id),
+        ).fetchone()
+        return None if row is None else Funds(*row)  # type: ignore[return-value]
+
+    async def dead_letter(self, row: LedgerRow, error: str) -> None:
+        """Keep a row the ledger refused, whole, for the audit (a repeat is a no-op)."""
+
+        def _dead(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                conn.execute(
+                    "INSERT INTO dead_letters (request_id, account_id, row_json, error,"
+                    " created_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING",
+                    (row.request_id, row.account_id, dead_letter_json(row), error[:2000], now_us()),
+                )
+
+        await self._run(_dead)
+
+    async def audit_data(self) -> AuditData:
+        """Read in one transaction, so every figure the audit compares is from one moment."""
+
+        def _read(conn: sqlite3.Connection) -> AuditData:
+            with self._write(conn):  # BEGIN IMMEDIATE: no writer moves the figures under us
+                cutoff = now_us() - self.ttl
+                accounts = [Account(*r) for r in conn.execute(_ACCOUNT_SELECT, (cutoff,))]
+                grants = dict(conn.execute(GRANTS_SQL))
+                ledger = {
+                    r[0]: tuple(r[1:])
+                    for r in conn.execute(
+                        "SELECT account_id, COUNT(*), SUM(cost), SUM(uncharged), SUM(estimated)"
+                        " FROM ledger GROUP BY 1"
+                    )
+                }
+                live: dict[str, int] = {}
+                stale: dict[str, int] = {}
+                for account_id, is_live, amount in conn.execute(
+                    "SELECT l.account_id, COALESCE(g.seen_at >= ?, 0), SUM(l.amount)"
+                    " FROM leases l LEFT JOIN gateways g ON g.id = l.gateway_id GROUP BY 1, 2",
+                    (cutoff,),
+                ):
+                    (live if is_live else stale)[account_id] = amount
+                dead = [
+                    tuple(r)
+                    for r in conn.execute(
+                        "SELECT request_id, account_id, error FROM dead_letters ORDER BY created_at"
+                    )
+                ]
+            return AuditData(accounts, grants, ledger, live, stale, dead)  # type: ignore[arg-type]
+
+        return await self._run(_read)
 
     # ---- gateways -------------------------------------------------------------------
 
@@ -361,22 +435,26 @@ class SQLiteStore:
 
         return await self._run(_changed)
 
-    async def heartbeat(self, gateway_id: str) -> None:
-        """This gateway is alive; leases of gateways silent past the TTL are reclaimed."""
+    async def heartbeat(self, gateway_id: str) -> bool:
+        """This gateway is alive; leases of gateways silent past the TTL are reclaimed.
 
-        def _beat(conn: sqlite3.Connection) -> None:
+        Returns whether the store still knew this gateway: False after it was reaped
+        (its leases are gone) or on its first beat."""
+
+        def _beat(conn: sqlite3.Connection) -> bool:
             now = now_us()
             with self._write(conn):
-                self._touch(conn, gateway_id, now)
-                cutoff = now - LEASE_TTL_US
+                known = self._touch(conn, gateway_id, now)
+                cutoff = now - self.ttl
                 conn.execute(
                     "DELETE FROM leases WHERE gateway_id IN"
                     " (SELECT id FROM gateways WHERE seen_at < ?)",
                     (cutoff,),
                 )
                 conn.execute("DELETE FROM gateways WHERE seen_at < ?", (cutoff,))
+            return known
 
-        await self._run(_beat)
+        return await self._run(_beat)
 
     async def lease(self, gateway_id: str, account_id: str, want: int) -> tuple[int, int]:
         """Grant up to ``want`` of the account's unleased credit: (granted, still unleased)."""
@@ -387,7 +465,7 @@ class SQLiteStore:
                 self._touch(conn, gateway_id, now)
                 row = conn.execute(
                     f"SELECT a.balance, {_LIVE_LEASES} FROM accounts a WHERE a.id = ?",
-                    (now - LEASE_TTL_US, account_id),
+                    (now - self.ttl, account_id),
                 ).fetchone()
                 if row is None:
                     return 0, 0
@@ -403,6 +481,25 @@ class SQLiteStore:
             return grant, free - grant
 
         return await self._run(_lease)
+
+    async def sync_lease(self, gateway_id: str, account_id: str, amount: int) -> int:
+        """Agree with the gateway on one lease after a doubt: both become the smaller value."""
+
+        def _sync(conn: sqlite3.Connection) -> int:
+            with self._write(conn):
+                row = conn.execute(
+                    "SELECT amount FROM leases WHERE gateway_id = ? AND account_id = ?",
+                    (gateway_id, account_id),
+                ).fetchone()
+                agreed = max(0, min(row[0] if row else 0, amount))
+                if row is not None and agreed != row[0]:
+                    conn.execute(
+                        "UPDATE leases SET amount = ? WHERE gateway_id = ? AND account_id = ?",
+                        (agreed, gateway_id, account_id),
+                    )
+            return agreed
+
+        return await self._run(_sync)
 
     async def release(self, gateway_id: str, amounts: dict[str, int]) -> None:
         """Give leased credit back (never below zero)."""
@@ -425,12 +522,13 @@ class SQLiteStore:
         await self._run(_retire)
 
     @staticmethod
-    def _touch(conn: sqlite3.Connection, gateway_id: str, now: int) -> None:
-        conn.execute(
-            "INSERT INTO gateways (id, seen_at) VALUES (?, ?)"
-            " ON CONFLICT (id) DO UPDATE SET seen_at = excluded.seen_at",
-            (gateway_id, now),
-        )
+    def _touch(conn: sqlite3.Connection, gateway_id: str, now: int) -> bool:
+        """Stamp the gateway as seen; False if it was not known."""
+        updated = conn.execute("UPDATE gateways SET seen_at = ? WHERE id = ?", (now, gateway_id))
+        if updated.rowcount:
+            return True
+        conn.execute("INSERT INTO gateways (id, seen_at) VALUES (?, ?)", (gateway_id, now))
+        return False
 
     @staticmethod
     def _shrink_leases(conn: sqlite3.Connection, gateway_id: str, amounts: dict[str, int]) -> None:
