@@ -23,6 +23,7 @@ import orjson
 from aiohttp import web
 
 from bastion.app import Gateway, _error, _json
+from bastion.audit import run_audit
 from bastion.errors import APIError, invalid
 from bastion.money import MoneyError, parse_usd
 from bastion.store import Conflict, NotFound, StoreError
@@ -59,6 +60,7 @@ def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
         ("POST", "/keys/{id}/revoke", admin.revoke_key, 200),
         ("DELETE", "/keys/{id}", admin.revoke_key, 200),
         ("GET", "/usage", admin.usage, 200),
+        ("GET", "/audit", admin.audit, 200),
     ]
     for method, path, handler, status in routes:
         app.router.add_route(method, PREFIX + path, admin.wrap(handler, status))
@@ -223,6 +225,16 @@ class Admin:
             raise _store_error(exc, "account") from None
         names = {a.id: a.name for a in await self.store.list_accounts()}
         return [ledger_json(r, names) for r in rows]
+
+    # ---- audit -------------------------------------------------------------------
+    async def audit(self, request: web.Request) -> Any:
+        """The books check of ``bastion audit --json``; 200 even when problems are found
+        (the answer is the report: read its ``ok``), 404 for an unknown account."""
+        account = _query(request, ("account",)).get("account")
+        try:
+            return await run_audit(self.store, account)
+        except StoreError as exc:
+            raise _store_error(exc, "account") from None
 
 
 # ---- field checks ------------------------------------------------------------------

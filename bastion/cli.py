@@ -1,4 +1,4 @@
-"""The operator CLI (SPEC §4): ``bastion accounts|keys|usage|serve|sim|demo``.
+"""The operator CLI (SPEC §4): ``bastion accounts|keys|usage|audit|serve|sim|demo``.
 
 Each command loads the config, opens the store, does one thing and closes it; the
 gateway sees the change within seconds through its snapshot refresh. Every command
@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from bastion.audit import problem_count, run_audit
 from bastion.config import Config, ConfigError, load_config
 from bastion.money import MoneyError, format_usd, parse_usd
 from bastion.store import Account, ApiKey, LedgerRow, Store, StoreError, open_store
@@ -101,6 +102,15 @@ def _table(*columns: str, caption: str | None = None) -> Table:
 
 def _usd(nanos: int) -> str:
     return f"-${format_usd(-nanos)}" if nanos < 0 else f"${format_usd(nanos)}"
+
+
+def _dollars(usd: str) -> str:
+    """A decimal USD string as ``_usd`` renders nano-dollars: "-1.00" -> "-$1.00"."""
+    return f"-${usd[1:]}" if usd.startswith("-") else f"${usd}"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _limit(value: int) -> str:
@@ -327,6 +337,49 @@ def usage(
         out.print(table)
 
     _emit(as_json, [ledger_json(r, names) for r in rows], human)
+
+
+# ---- audit --------------------------------------------------------------------------
+
+
+@app.command("audit")
+def audit(
+    account: Annotated[str | None, typer.Option(help="Only this account.")] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute every balance from credits and the ledger; exit 1 if the books disagree."""
+    report = _with_store(config, lambda s, _: run_audit(s, account))
+
+    def human() -> None:
+        for a in report["accounts"]:
+            table = _table(
+                "balance", "expected", "spent", "uncharged", "rows", "leased", "dead letters"
+            )
+            table.title = f"{escape(a['name'])} ({a['id']})"
+            stale, estimated = a["stale_leases"], a["estimated_rows"]
+            table.add_row(
+                *(_dollars(a[f]) for f in ("balance", "expected_balance", "spent", "uncharged")),
+                f"{a['rows']:,}" + (f" ({estimated:,} est.)" if estimated else ""),
+                _dollars(a["leased"]) + ("" if stale == "0.00" else f" (+{_dollars(stale)} stale)"),
+                f"{a['dead_letters']:,}",
+            )
+            out.print(table)
+            for problem in a["problems"]:
+                out.print(f"  [red]problem:[/red] {escape(problem)}")
+        for problem in report["problems"]:
+            out.print(f"[red]problem:[/red] {escape(problem)}")
+        out.print(
+            f"{_plural(len(report['accounts']), 'account')},"
+            f" {_dollars(report['uncharged'])} uncharged,"
+            f" {_plural(report['dead_letters'], 'dead letter')}"
+        )
+        count = problem_count(report)
+        out.print("[green]ok[/green]" if count == 0 else f"[red]{_plural(count, 'problem')}[/red]")
+
+    _emit(as_json, report, human)
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 # ---- processes (implemented elsewhere; imported lazily) ------------------------------

@@ -51,12 +51,14 @@ def new_account_json(account: Account) -> dict[str, Any]:
 
 
 def account_json(account: Account) -> dict[str, Any]:
+    """``spent`` is what was collected; ``uncharged`` what was served but never collected."""
     return {
         "id": account.id,
         "name": account.name,
         "balance": format_usd(account.balance),
         "reserved": format_usd(account.reserved),
         "spent": format_usd(account.spent),
+        "uncharged": format_usd(account.uncharged),
     }
 
 
@@ -91,7 +93,11 @@ def key_json(key: ApiKey, config: Config) -> dict[str, Any]:
 
 
 def ledger_json(row: LedgerRow, names: dict[str, str]) -> dict[str, Any]:
-    """A ledger row, with the account's name (``names``: id -> name) rather than its id."""
+    """A ledger row, with the account's name (``names``: id -> name) rather than its id.
+
+    Each part sits next to its whole: ``cached_input_tokens`` is part of
+    ``input_tokens``, ``reasoning_tokens`` of ``output_tokens``, ``uncharged`` of ``cost``.
+    """
     return {
         "request_id": row.request_id,
         "account": names.get(row.account_id, row.account_id),
@@ -99,8 +105,11 @@ def ledger_json(row: LedgerRow, names: dict[str, str]) -> dict[str, Any]:
         "model": row.model,
         "endpoint": row.endpoint,
         "input_tokens": row.input_tokens,
+        "cached_input_tokens": row.cached_input_tokens,
         "output_tokens": row.output_tokens,
+        "reasoning_tokens": row.reasoning_tokens,
         "cost": format_usd(row.cost),
+        "uncharged": format_usd(row.uncharged),
         "estimated": row.estimated,
         "status": row.status,
         "created_at": iso_time(row.created_at),

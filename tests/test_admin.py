@@ -134,7 +134,7 @@ def test_round_trip_with_the_sdk(gateway: Gateway, admin: httpx.Client) -> None:
     # top-up and take-back: balance = grants − Σ ledger costs, to the nano-dollar
     ok(admin.post(f"/accounts/{name}/credit", json={"amount": "2.50"}))
     after = ok(admin.post(f"/accounts/{name}/credit", json={"amount": "-0.50"}))
-    assert set(after) == {"id", "name", "balance", "reserved", "spent"}
+    assert set(after) == {"id", "name", "balance", "reserved", "spent", "uncharged"}
 
     # limit change: rpm 1 lets one request through per window, then 429
     patched = ok(admin.patch(f"/keys/{made['id']}", json={"rpm": 1}))
@@ -209,6 +209,34 @@ def test_shapes_are_the_clis(gateway: Gateway, admin: httpx.Client) -> None:
     everyone = ok(admin.get("/accounts"))
     assert any(a["name"] == name for a in everyone)
     assert [a["name"] for a in everyone] == sorted(a["name"] for a in everyone)
+
+
+def test_audit_of_a_served_account(gateway: Gateway, admin: httpx.Client) -> None:
+    """Books written by the gateway itself add up; the report is ``bastion audit``'s."""
+    key, name = gateway.new_key(credit="5.00")
+    chat(sdk(gateway, key))
+    gateway.settled(name, 1)
+    report = ok(admin.get("/audit", params={"account": name}))
+    assert report["ok"] is True and report["problems"] == []
+    [account] = report["accounts"]
+    assert account["name"] == name and account["problems"] == []
+    assert account["balance"] == account["expected_balance"]
+    assert (account["rows"], account["dead_letters"], account["uncharged"]) == (1, 0, "0.00")
+    shown = ok(admin.get(f"/accounts/{name}"))
+    assert (account["balance"], account["spent"]) == (shown["balance"], shown["spent"])
+    cli = cli_json(gateway, "audit", "--account", name)
+    # the gateway may resize its lease between the two reads; everything else is equal
+    assert {**cli["accounts"][0], "leased": None} == {**account, "leased": None}
+    assert {**cli, "accounts": None} == {**report, "accounts": None}
+    everyone = ok(admin.get("/audit"))
+    assert name in {a["name"] for a in everyone["accounts"]}
+
+
+def test_audit_refusals(admin: httpx.Client) -> None:
+    ghost = new_name()
+    message = refused(admin.get("/audit", params={"account": ghost}), 404, "not_found", "account")
+    assert ghost in message
+    refused(admin.get("/audit", params={"acount": "x"}), 400, "invalid_request", "acount")
 
 
 def test_delete_is_revoke_and_idempotent(gateway: Gateway, admin: httpx.Client) -> None:

@@ -99,6 +99,7 @@ def test_accounts_create_show_list(env: Env) -> None:
         "balance": "10.00",
         "reserved": "0.00",
         "spent": "0.00",
+        "uncharged": "0.00",
     }
     listed = env.ok("accounts", "list", "--json")
     assert [a["name"] for a in listed] == ["acme", "beta"]
@@ -128,7 +129,9 @@ def test_accounts_create_refusals(env: Env) -> None:
 def test_accounts_credit_both_negative_forms(env: Env) -> None:
     env.ok("accounts", "create", "acme", "--credit", "2")
     up = env.ok("accounts", "credit", "acme", "1.25", "--json")
-    assert up["balance"] == "3.25" and set(up) == {"id", "name", "balance", "reserved", "spent"}
+    assert up["balance"] == "3.25" and set(up) == {
+        "id", "name", "balance", "reserved", "spent", "uncharged"
+    }  # fmt: skip
     down = env.ok("accounts", "credit", "acme", "-0.50", "--json")
     assert down["balance"] == "2.75"
     # after "--", with options before it and after it
@@ -166,6 +169,7 @@ def test_accounts_show_reserved_and_spent(env: Env) -> None:
     )
     shown = env.ok("accounts", "show", "acme", "--json")
     assert (shown["balance"], shown["reserved"], shown["spent"]) == ("3.50", "0.25", "1.50")
+    assert shown["uncharged"] == "0.00"
 
 
 # ---- keys -----------------------------------------------------------------------------
@@ -240,11 +244,12 @@ def _seed_usage(env: Env) -> tuple[dict[str, Any], dict[str, Any]]:
         LedgerRow("r-early", a["id"], ka["id"], "gpt-oss-120b", "responses", 10, 20, 1, False,
                   "200", t - 1),
         LedgerRow("r-noon", a["id"], ka["id"], "Qwen3-32B", "chat", 3, 4, 123_456_789, True,
-                  "cancelled", t),
+                  "cancelled", t, cached_input_tokens=2, reasoning_tokens=1),
         LedgerRow("r-beta", b["id"], kb["id"], "gpt-oss-20b", "chat", 5, 6, 2_000_000_000, False,
                   "502", t + 1_800_000_000),
     ]  # fmt: skip
-    assert env.store_call("write_ledger", rows) == 3
+    written = env.store_call("write_ledger", rows)
+    assert [r.request_id for r in written] == ["r-beta", "r-early", "r-noon"]
     return a, ka
 
 
@@ -259,8 +264,11 @@ def test_usage_json(env: Env) -> None:
         "model": "Qwen3-32B",
         "endpoint": "chat",
         "input_tokens": 3,
+        "cached_input_tokens": 2,
         "output_tokens": 4,
+        "reasoning_tokens": 1,
         "cost": "0.123456789",
+        "uncharged": "0.00",
         "estimated": True,
         "status": "cancelled",
         "created_at": "2025-01-31T12:00:00.000000Z",
@@ -296,6 +304,42 @@ def test_usage_human(env: Env) -> None:
     out = env.ok("usage")
     assert "r-noon" in out and "Qwen3-32B" in out and "(est.)" in out
     assert "3 requests, $2.12345679" in out
+
+
+# ---- audit ----------------------------------------------------------------------------
+
+
+def test_audit_uncharged_is_visible_and_ok(env: Env) -> None:
+    acct = env.ok("accounts", "create", "acme", "--credit", "1", "--json")
+    key = env.ok("keys", "create", "--account", "acme", "--json")
+    env.store_call(
+        "write_ledger",
+        [LedgerRow("r1", acct["id"], key["id"], "m", "chat", 1, 2, 1_500_000_000, False, "200", 1)],
+    )
+    shown = env.ok("accounts", "show", "acme", "--json")
+    assert (shown["balance"], shown["spent"], shown["uncharged"]) == ("0.00", "1.00", "0.50")
+    [row] = env.ok("usage", "--json")
+    assert (row["cost"], row["uncharged"]) == ("1.50", "0.50")
+
+    report = env.ok("audit", "--json")
+    assert report["ok"] is True and report["uncharged"] == "0.50"
+    [a] = report["accounts"]
+    assert (a["name"], a["balance"], a["expected_balance"], a["problems"]) == (
+        "acme", "0.00", "0.00", []
+    )  # fmt: skip
+    human = env.ok("audit")
+    assert "acme" in human and "$0.50 uncharged" in human
+    assert human.rstrip().splitlines()[-1] == "ok"
+
+    with closing(sqlite3.connect(env.db)) as conn, conn:
+        conn.execute("UPDATE accounts SET balance = 5000000000")
+    proc = env.run("audit")
+    assert proc.returncode == 1, proc.stderr
+    assert "5.00 USD too much" in proc.stdout
+    assert proc.stdout.rstrip().splitlines()[-1] == "1 problem"
+    proc = env.run("audit", "--json", "--account", "acme")
+    assert proc.returncode == 1 and json.loads(proc.stdout)["ok"] is False
+    env.fails("audit", "--account", "ghost", message="no account named 'ghost'")
 
 
 # ---- config handling ------------------------------------------------------------------
