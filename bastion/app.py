@@ -25,7 +25,7 @@ from bastion.errors import APIError
 from bastion.ledger import LedgerWriter
 from bastion.metering import Usage, estimate_input, input_bound, plausible
 from bastion.metrics import Metrics
-from bastion.money import format_usd
+from bastion.money import cost_nanos, format_usd
 from bastion.ratelimit import Decision, open_limiter
 from bastion.relay import Call, Relay
 from bastion.store import ApiKey, LedgerRow, open_store
@@ -103,7 +103,7 @@ class Gateway:
             decision = await self.admit(key, rpm, tpm, worst_tokens, cap)
             headers.update(decision.headers)
             limited = True
-            worst_cost = model.cost(Usage(bound, cap * req.n))
+            worst_cost = cost_nanos(bound, cap * req.n, model.input_price, model.output_price)
             try:
                 reservation = await self.reserve(key.account_id, worst_cost)
                 if reservation is None:
@@ -357,7 +357,8 @@ class Gateway:
         self.limiter.refund(key.id, tpm, worst_tokens - usage.input_tokens - usage.output_tokens)
         m.requests[endpoint, call.status] += 1
         m.tokens[model.id, "input"] += usage.input_tokens
-        m.tokens[model.id, "cached_input"] += usage.cached_tokens
+        if usage.cached_tokens:
+            m.tokens[model.id, "cached_input"] += usage.cached_tokens
         m.tokens[model.id, "output"] += usage.output_tokens
         m.cost[model.id] += cost
         m.estimated += usage.estimated

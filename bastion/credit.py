@@ -190,13 +190,22 @@ class CreditBook:
         ``stored`` what the store wrote (``leased`` = what it took from the lease). A
         difference means the store's lease is not what we think: the account is resynced.
         """
-        taken = {row.request_id: row.leased for row in stored}
+        counted: dict[str, int] = {}
         for row in sent:
-            _add(self.pending, row.account_id, -row.leased)
-            took = taken.get(row.request_id, 0)
-            _add(self.lease, row.account_id, -took)
-            if took != row.leased:
-                self.doubtful.add(row.account_id)
+            if row.leased:
+                counted[row.account_id] = counted.get(row.account_id, 0) + row.leased
+        taken: dict[str, int] = {}
+        for row in stored:
+            if row.leased:
+                taken[row.account_id] = taken.get(row.account_id, 0) + row.leased
+        for account_id, amount in counted.items():
+            _add(self.pending, account_id, -amount)
+            took = taken.pop(account_id, 0)
+            _add(self.lease, account_id, -took)
+            if took != amount:
+                self.doubtful.add(account_id)
+        for account_id in taken:  # taken from a lease we did not count on: cannot be
+            self.doubtful.add(account_id)
 
     def idle(self) -> dict[str, int]:
         """Take the free lease of accounts unused for a while out of the book."""

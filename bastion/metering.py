@@ -96,8 +96,10 @@ def usage_from(obj: object, endpoint: str) -> Usage | None:
 
 
 def _detail(details: object, name: str) -> int:
-    value = details.get(name) if isinstance(details, dict) else None
-    return value if _count(value) else 0  # type: ignore[return-value]
+    if details is None or details.__class__ is not dict:
+        return 0
+    value = details.get(name)  # type: ignore[attr-defined]
+    return value if value.__class__ is int and value > 0 else 0
 
 
 def plausible(usage: Usage, input_bound: int, output_cap: int) -> bool:

@@ -67,11 +67,12 @@ def parse(raw: bytes, endpoint: str) -> ClientRequest:
         so = body.get("stream_options")
         if so is not None and not isinstance(so, dict):
             raise invalid("'stream_options' must be an object.", "stream_options")
-    caps = tuple(
-        (name, body[name])
-        for name in ("max_output_tokens", "max_completion_tokens", "max_tokens")
-        if (endpoint == "responses") == (name == "max_output_tokens") and body.get(name) is not None
-    )
+    if endpoint == "responses":
+        caps: tuple[tuple[str, int], ...] = () if cap is None else ((cap_field, cap),)
+    else:
+        caps = () if cap is None else ((cap_field, cap),)
+        if legacy is not None and cap_field != "max_tokens":
+            caps += (("max_tokens", legacy),)
     return ClientRequest(raw, body, model, stream, store is True, items, cap, cap_field, n, caps)
 
 

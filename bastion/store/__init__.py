@@ -51,7 +51,7 @@ class ApiKey:
     created_at: int
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: made once per request, and frozen init costs ~2 µs
 class LedgerRow:
     request_id: str  # the x-request-id; primary key, so a row is written at most once
     account_id: str

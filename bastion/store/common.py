@@ -108,9 +108,12 @@ def new_rows(rows: list[LedgerRow], existing: set[str]) -> list[LedgerRow]:
 
 def check_row(row: LedgerRow) -> None:
     """Refuse a row no ledger column can hold, before it can poison a whole batch."""
-    for value in ledger_values(row):
-        if isinstance(value, int) and not -BIGINT_MAX <= value <= BIGINT_MAX:
-            raise RowRejected(f"ledger row {row.request_id}: {value} is out of range")
+    numbers = (
+        row.input_tokens, row.output_tokens, row.cost, row.created_at,
+        row.cached_input_tokens, row.reasoning_tokens, row.uncharged,
+    )  # fmt: skip
+    if max(numbers) > BIGINT_MAX or min(numbers) < -BIGINT_MAX:
+        raise RowRejected(f"ledger row {row.request_id}: a number is out of range: {numbers}")
 
 
 @dataclass(slots=True)
@@ -145,7 +148,9 @@ def allocate(rows: list[LedgerRow], funds: dict[str, Funds]) -> list[LedgerRow]:
         rest = row.cost - from_lease
         from_free = min(rest, f.unleased)
         f.balance -= from_free
-        out.append(replace(row, uncharged=rest - from_free, leased=from_lease))
+        if row.uncharged != rest - from_free or row.leased != from_lease:
+            row = replace(row, uncharged=rest - from_free, leased=from_lease)
+        out.append(row)
     return out
 
 
