@@ -32,7 +32,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bastion.store import LedgerRow, Store
@@ -183,13 +183,18 @@ class CreditBook:
         _add(self.pending, account_id, leased)
         return leased
 
-    def written(self, sent: list[LedgerRow], stored: list[LedgerRow]) -> None:
+    def written(
+        self, sent: list[LedgerRow], stored: list[LedgerRow], refused: Sequence[LedgerRow] = ()
+    ) -> None:
         """Rows are durable: what each took from our lease has left the lease and pending.
 
         ``sent`` is what the writer sent (``leased`` = the part we counted as pending),
         ``stored`` what the store wrote (``leased`` = what it took from the lease). A
         difference means the store's lease is not what we think: the account is resynced.
+        ``refused`` rows (dead letters) took nothing: what they held goes back to free.
         """
+        for row in refused:
+            _add(self.pending, row.account_id, -row.leased)
         counted: dict[str, int] = {}
         for row in sent:
             if row.leased:

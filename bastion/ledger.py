@@ -88,17 +88,22 @@ class LedgerWriter:
         epoch, gateway_id = self.book.epoch, self.book.gateway_id
         # rows settled under leases since given up are backed by no lease
         sent = [row if e == epoch else replace(row, leased=0) for row, e in entries]
+        refused: list[LedgerRow] = []
         try:
             stored = await self.store.write_ledger(sent, gateway_id)
         except RowRejected:
-            stored = await self._one_by_one(sent, entries, gateway_id)
+            stored = await self._one_by_one(sent, entries, gateway_id, refused)
         except BaseException:
             self.queue[:0] = entries
             raise
-        self._done(sent, stored, epoch)
+        self._done(sent, stored, epoch, refused)
 
     async def _one_by_one(
-        self, sent: list[LedgerRow], entries: list[tuple[LedgerRow, int]], gateway_id: str
+        self,
+        sent: list[LedgerRow],
+        entries: list[tuple[LedgerRow, int]],
+        gateway_id: str,
+        refused: list[LedgerRow],
     ) -> list[LedgerRow]:
         """A refused batch: write each row alone; dead-letter the ones still refused."""
         stored: list[LedgerRow] = []
@@ -111,8 +116,9 @@ class LedgerWriter:
                     await self.store.dead_letter(row, str(exc))
                 except BaseException:
                     self.queue[:0] = entries[i:]
-                    self._done(sent[:i], stored, epoch)
+                    self._done(sent[:i], stored, epoch, refused)
                     raise
+                refused.append(row)
                 self.dead_letters += 1
                 log.error(
                     "ledger row %s refused by the store (%s): kept as a dead letter;"
@@ -122,13 +128,16 @@ class LedgerWriter:
                 )
             except BaseException:
                 self.queue[:0] = entries[i:]
-                self._done(sent[:i], stored, epoch)
+                self._done(sent[:i], stored, epoch, refused)
                 raise
         return stored
 
-    def _done(self, sent: list[LedgerRow], stored: list[LedgerRow], epoch: int) -> None:
+    def _done(
+        self, sent: list[LedgerRow], stored: list[LedgerRow], epoch: int, refused: list[LedgerRow]
+    ) -> None:
         if self.book.epoch == epoch:  # else the book was reset meanwhile: nothing to undo
-            self.book.written(sent, stored)
+            done = {id(row) for row in refused}
+            self.book.written([r for r in sent if id(r) not in done], stored, refused)
         if stored:
             self.on_written(stored)
 
