@@ -31,6 +31,8 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = 20_000_000
     workers: int = 1
+    drain_timeout_s: float = 30.0  # on SIGTERM: in-flight work may finish this long
+    client_write_timeout_s: float = 60.0  # a client that reads nothing this long is cut off
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class UpstreamConfig:
     api_key: str = ""
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 300.0
+    health_path: str = "/health"  # active health check, relative to the server root
 
 
 @dataclass(frozen=True)
