@@ -34,6 +34,7 @@ from bastion.validation import ClientRequest, parse
 log = logging.getLogger("bastion")
 
 GC_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
+DRAIN_GRACE_S = 2.0  # after the drain deadline: time for ended streams to settle
 _ENDPOINT_PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions"}
 
 
@@ -60,6 +61,8 @@ class Gateway:
         self.metrics.dead_letters = lambda: self.writer.dead_letters
         self.streams: set[Call] = set()  # streams in flight, to end if their lease is given up
         self._refused_log = 0.0
+        self.draining = False
+        self._idle = asyncio.Event()  # set when draining and nothing is in flight
         self.created = int(time.time())
         self._ready: tuple[float, bool] = (0.0, False)
 
@@ -73,6 +76,26 @@ class Gateway:
         gc.collect()
         gc.freeze()
         gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+    async def drain(self, app: web.Application) -> None:
+        """SIGTERM: the listener is closed; let what is in flight finish, up to the deadline.
+
+        Then streams still running end with the stream error event (their tokens are
+        settled as delivered), so that ``cleanup`` writes every row before the exit."""
+        self.draining = True
+        log.info("draining: %d requests in flight", self.metrics.in_flight)
+        if await self._idle_within(self.config.server.drain_timeout_s):
+            return
+        log.warning("drain deadline: ending %d streams", len(self.streams))
+        for call in list(self.streams):
+            call.abort("the gateway is shutting down; stream ended")
+        await self._idle_within(DRAIN_GRACE_S)
+
+    async def _idle_within(self, seconds: float) -> bool:
+        if self.metrics.in_flight:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), seconds)
+        return not self.metrics.in_flight
 
     async def cleanup(self, app: web.Application) -> None:
         await self.writer.close()
@@ -93,6 +116,8 @@ class Gateway:
         limited = False  # the limiter's headers are in ``headers``
         self.metrics.in_flight += 1
         try:
+            if self.draining:
+                raise _DRAINING
             key = self.authenticate(request)
             req = parse(await self.read_body(request), endpoint)
             model = self.resolve(req.model, endpoint)
@@ -140,6 +165,8 @@ class Gateway:
             )
         finally:
             self.metrics.in_flight -= 1
+            if self.draining and not self.metrics.in_flight:
+                self._idle.set()
             if call is not None and call.stream:
                 self.streams.discard(call)
             if reservation is not None and key is not None and req is not None:
@@ -430,6 +457,8 @@ class Gateway:
         return _json({"status": "ok"}, new_request_id())
 
     async def readyz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return _json({"status": "draining"}, new_request_id(), 503)
         checked, ok = self._ready
         if time.monotonic() - checked > 2.0:
             ok = await self._check_ready()
@@ -466,6 +495,14 @@ def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()
 
 
+_DRAINING = APIError(
+    503,
+    "service_unavailable",
+    "This gateway is shutting down; retry (another replica will answer).",
+    type="server_error",
+)
+
+
 def _too_large(limit: int) -> APIError:
     return APIError(413, "request_too_large", f"The request body is over {limit} bytes.")
 
@@ -498,6 +535,7 @@ def create_app(config: Config, replicas: int = 1) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
     app["gateway"] = gateway
     app.on_startup.append(gateway.startup)
+    app.on_shutdown.append(gateway.drain)
     app.on_cleanup.append(gateway.cleanup)
 
     async def responses(request: web.Request) -> web.StreamResponse:

@@ -6,6 +6,13 @@ the kernel spreads connections over them. They share nothing in memory: credit i
 leased from PostgreSQL and limits live in Redis, which is why N > 1 refuses to
 start on SQLite or the in-process limiter. The parent only supervises: it restarts
 a worker that dies and stops them all on SIGINT/SIGTERM.
+
+Shutdown (SIGTERM or SIGINT) drains: every worker closes its listener at once, lets
+requests in flight finish for ``drain_timeout_s``, ends the streams still running
+with the stream error event, writes every ledger row and exits 0. With N workers the
+parent forwards the signal to all of them at once and waits for them against one
+shared deadline (the drain plus time to settle and write), killing only a worker
+still alive after it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from bastion.config import Config
 
 log = logging.getLogger("bastion")
 
+SETTLE_S = 15.0  # after the drain deadline: ended streams settle, rows are written
 
 def serve(
     config: Config, host: str | None = None, port: int | None = None, workers: int | None = None
@@ -51,7 +59,7 @@ def serve(
 def run_worker(config: Config, host: str, port: int, workers: int) -> None:
     import uvloop
 
-    from bastion.app import create_app
+    from bastion.app import DRAIN_GRACE_S, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     web.run_app(
@@ -62,6 +70,9 @@ def run_worker(config: Config, host: str, port: int, workers: int) -> None:
         backlog=4096,  # aiohttp's 128 drops SYNs when thousands of streams connect at once
         access_log=None,
         handler_cancellation=True,
+        # Gateway.drain waits for in-flight work itself (drain_timeout_s); what aiohttp
+        # cancels after this is only what did not finish even then
+        shutdown_timeout=DRAIN_GRACE_S + 1.0,
         loop=uvloop.new_event_loop(),
         print=lambda msg: log.info("%s", msg),
     )
@@ -91,8 +102,11 @@ def supervise(config: Config, host: str, port: int, workers: int) -> None:
                 log.warning("worker %d exited with %s; restarting", proc.pid, proc.exitcode)
                 procs[i] = spawn()
     for proc in procs:
-        proc.terminate()  # SIGTERM: aiohttp shuts down gracefully, flushing the ledger
+        proc.terminate()  # SIGTERM to every worker at once: each drains (Gateway.drain)
+    deadline = time.monotonic() + config.server.drain_timeout_s + SETTLE_S
     for proc in procs:
-        proc.join(15)
+        proc.join(max(0.0, deadline - time.monotonic()))  # one deadline shared by all
+    for proc in procs:
         if proc.is_alive():
+            log.error("worker %d still running after the drain deadline: killed", proc.pid)
             proc.kill()
