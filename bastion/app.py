@@ -349,7 +349,7 @@ class Gateway:
         m = self.metrics
         usage = call.usage
         if usage is None:
-            usage = self.estimate(call)
+            usage = self.estimate(call, req)
         elif not plausible(usage, call.input_bound, call.output_cap):
             log.warning(
                 "request %s: upstream %s reported impossible usage %s (input bound %d, output"
@@ -390,16 +390,19 @@ class Gateway:
         m.cost[model.id] += cost
         m.estimated += usage.estimated
 
-    @staticmethod
-    def estimate(call: Call) -> Usage:
-        """No usage report: charge what was produced (within the cap); nothing if nothing was."""
+    def estimate(self, call: Call, req: ClientRequest) -> Usage:
+        """No usage report: charge what was produced (within the cap); nothing if nothing was.
+
+        Input is estimated from the prompt's text (``metering.estimate_input``)."""
         if call.deltas:
             output = call.deltas
         elif call.body_bytes:
             output = -(-call.body_bytes // 4)
         else:
             return Usage(0, 0, estimated=False)
-        return Usage(estimate_input(call.input_bound), min(output, call.output_cap), estimated=True)
+        media = call.model.image_tokens or self.config.metering.image_tokens
+        inp = min(estimate_input(req.body, req.items, media), call.input_bound)
+        return Usage(inp, min(output, call.output_cap), estimated=True)
 
     def written(self, rows: list[LedgerRow]) -> None:
         """Rows are durable: make uncharged money loud (metric, warning)."""

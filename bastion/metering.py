@@ -117,6 +117,30 @@ def _count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def estimate_input(text_bytes: int) -> int:
-    """Input estimate when the upstream never reported usage: ~4 bytes per token."""
-    return -(-text_bytes // 4)
+# The fields whose text reaches the model's prompt (the rest: options, metadata, …).
+_PROMPT_FIELDS = ("input", "messages", "instructions", "tools", "functions", "prompt")
+ESTIMATE_ITEM_TOKENS = 4  # a chat template's tokens per message: role markers, separators
+
+
+def estimate_input(body: dict, items: int, media_tokens: int) -> int:
+    """Input estimate when the upstream never reported usage (a cut stream, a client gone).
+
+    The prompt's text at ~4 UTF-8 bytes per token (what BPE tokenizers average on
+    English and code), plus a few template tokens per message, plus the model's
+    allowance per media part (a picture has no text to measure). Never above the
+    admission bound, which counts every byte as a token."""
+    text = 0
+    media = 0
+    stack: list[object] = [body[k] for k in _PROMPT_FIELDS if k in body]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            text += len(node.encode("utf-8", "surrogatepass"))
+        elif isinstance(node, dict):
+            if node.get("type") in _MEDIA_TYPES:
+                media += 1
+            else:
+                stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return -(-text // 4) + ESTIMATE_ITEM_TOKENS * items + media * media_tokens

@@ -147,3 +147,16 @@ def test_client_disconnect_cancels_and_charges_what_was_streamed(gateway):
     [row] = gateway.settled(account, 1)
     assert row.status == "cancelled" and row.estimated
     assert 1 <= row.output_tokens < 10  # nowhere near the 100 asked for
+
+
+def test_a_cut_streams_input_is_estimated_from_its_text_not_the_bound(gateway):
+    """A 9-token prompt is charged about 9 tokens, not the admission bound / 4 (~70)."""
+    from bastion.sim import usage_for
+
+    key, account = gateway.new_key()
+    prompt = "What is the capital city of France, please?"  # 44 bytes
+    body = {"model": "fault-cut", "input": prompt, "stream": True}
+    raw_stream(gateway, key, "/responses", body)
+    [row] = gateway.settled(account, 1)
+    real = usage_for({**body, "model": "m"}, "responses")[0]  # what the upstream counts: 15
+    assert row.estimated and abs(row.input_tokens - real) <= 4, (row.input_tokens, real)
