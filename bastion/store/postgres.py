@@ -65,7 +65,7 @@ from bastion.store.migrate import migrate_postgres
 if TYPE_CHECKING:
     import asyncpg
 
-POOL_MIN_SIZE = 1
+POOL_MIN_SIZE = 0  # no floor to restore: an outage is not retried (and logged) in the background
 POOL_MAX_SIZE = 10
 CLOSE_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 5.0  # a black-holed database: refuse promptly rather than hang

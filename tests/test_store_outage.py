@@ -1,0 +1,120 @@
+"""PostgreSQL refused, then black-holed, under steady traffic: prompt 503s rather than
+hangs, a quiet log (a line per state change, no tracebacks), nothing served is lost, and
+service resumes by itself. A TCP proxy of our own stands between Bastion and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import urllib.parse
+
+import httpx
+import pytest
+from conftest import Gateway, free_port, start, stop
+from faultproxy import FaultProxy
+
+from bastion.money import parse_usd
+
+TOML = """
+refresh_interval_s = 0.5
+lease_ttl_s = 8
+
+[database]
+url = "{pg}"
+
+[ratelimit]
+url = "redis://127.0.0.1:6379/0"
+default_rpm = 100000
+default_tpm = 100000000
+
+[[upstreams]]
+name = "sim"
+url = "http://127.0.0.1:{sim}/v1"
+
+[[models]]
+id = "m"
+upstreams = ["sim"]
+input_price = "1.00"
+output_price = "2.00"
+max_output_tokens = 50
+"""
+
+OUTAGE_S = 12  # per mode; long enough to outlast the lease trust (4 s) and the timeouts
+
+
+@pytest.mark.timeout(120)
+def test_postgres_refused_then_blackholed_503s_promptly_logs_quietly_loses_nothing(
+    tmp_path, pg_url: str, sim_port: int
+):
+    parts = urllib.parse.urlsplit(pg_url)
+    proxy = FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
+    config = tmp_path / "bastion.toml"
+    config.write_text(TOML.format(pg=proxy.url_for(pg_url), sim=sim_port))
+    port = free_port()
+    log_path = tmp_path / "gateway.log"
+    with open(log_path, "w") as log_file:
+        proc = start(
+            ["serve", "--config", str(config), "--port", str(port)],
+            f"http://127.0.0.1:{port}/healthz",
+            env={**os.environ},
+            stderr=log_file,
+        )
+    gw = Gateway(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", config, pg_url, proc)
+    try:
+        key, account = gw.new_key(credit="5.00")
+        outcomes: list[tuple[float, int, float]] = []  # (when, status, seconds)
+
+        async def traffic(until: float) -> None:
+            headers = {"Authorization": f"Bearer {key}"}
+            body = {"model": "m", "input": "x", "max_output_tokens": 10}
+            async with httpx.AsyncClient(timeout=30) as c:
+                while time.monotonic() < until:
+                    sent = time.monotonic()
+                    answer = await c.post(gw.url + "/responses", json=body, headers=headers)
+                    outcomes.append((sent, answer.status_code, time.monotonic() - sent))
+                    await asyncio.sleep(0.02)
+
+        async def scenario() -> dict[str, float]:
+            start_at = time.monotonic()
+            marks = {"refused": start_at + 2}
+            marks["blackholed"] = marks["refused"] + OUTAGE_S
+            marks["back"] = marks["blackholed"] + OUTAGE_S
+            end = marks["back"] + 10
+            task = asyncio.create_task(traffic(end))
+            for mode in ("refused", "blackholed", "back"):
+                await asyncio.sleep(marks[mode] - time.monotonic())
+                {"refused": proxy.refuse, "blackholed": proxy.blackhole, "back": proxy.passing}[
+                    mode
+                ]()
+            await task
+            return marks
+
+        marks = asyncio.run(scenario())
+        statuses = {s for _, s, _ in outcomes}
+        assert statuses <= {200, 503}, statuses
+        slowest = max(seconds for _, _, seconds in outcomes)
+        assert slowest < 12, slowest  # a black hole costs at most the store timeouts, never a hang
+        assert any(s == 503 for w, s, _ in outcomes if w < marks["back"])
+        recovered = [w for w, s, _ in outcomes if w > marks["back"] and s == 200]
+        assert recovered and recovered[0] - marks["back"] < 8  # by itself, within seconds
+        log = log_path.read_text()
+        assert "Traceback" not in log, log[-3000:]
+        assert len(log.splitlines()) < 40, log  # state changes, not a line per request
+        metrics = httpx.get(gw.root + "/metrics").text
+        refusals = next(
+            float(line.split()[1])
+            for line in metrics.splitlines()
+            if line.startswith("bastion_credit_unavailable_total ")
+        )
+        assert refusals == sum(1 for _, s, _ in outcomes if s == 503)  # counted, not logged
+        time.sleep(2)
+        rows = gw.ledger(account)
+        assert len(rows) >= sum(1 for _, s, _ in outcomes if s == 200)
+        assert len(rows) == len({r.request_id for r in rows})
+        acct = gw.account(account)
+        assert acct.balance == parse_usd("5.00") - sum(r.cost - r.uncharged for r in rows) >= 0
+    finally:
+        stop(proc)
+        proxy.stop()
