@@ -39,7 +39,7 @@ _ENDPOINT_PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions"}
 
 
 class Gateway:
-    def __init__(self, config: Config, replicas: int = 1) -> None:
+    def __init__(self, config: Config, replicas: int = 1, seat: str = "") -> None:
         self.config = config
         self.store = open_store(config.database_url, config.lease_ttl_s)
         self.limiter = open_limiter(config.ratelimit.url, replicas=replicas)
@@ -53,13 +53,16 @@ class Gateway:
             config.refresh_interval_s,
             config.lease_ttl_s,
             self.written,
+            seat=seat,
+            inflight=self.inflight_rows,
         )
         self.relay = Relay(config.upstreams, config.health_check_interval_s)
         self.metrics = Metrics(self.relay.pool, self.limiter)
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
         self.metrics.book = self.book
-        self.metrics.dead_letters = lambda: self.writer.dead_letters
-        self.streams: set[Call] = set()  # streams in flight, to end if their lease is given up
+        self.metrics.writer = self.writer
+        # streams in flight: to end if their lease is given up, to checkpoint for crashes
+        self.streams: dict[Call, tuple[ApiKey, ClientRequest]] = {}
         self._refused_log = 0.0
         self.draining = False
         self._idle = asyncio.Event()  # set when draining and nothing is in flight
@@ -139,7 +142,7 @@ class Gateway:
             call = self.prepare(request_id, endpoint, req, model, cap, bound, headers)
             call.epoch = reservation.epoch
             if call.stream:
-                self.streams.add(call)
+                self.streams[call] = (key, req)
             response = await self.relay.send(request, call)
             self.metrics.overhead[endpoint].observe(
                 max(0.0, time.perf_counter() - started - call.upstream_s)
@@ -168,7 +171,7 @@ class Gateway:
             if self.draining and not self.metrics.in_flight:
                 self._idle.set()
             if call is not None and call.stream:
-                self.streams.discard(call)
+                self.streams.pop(call, None)
             if reservation is not None and key is not None and req is not None:
                 self.settle(key, req, call, reservation, worst_tokens, endpoint)
 
@@ -400,9 +403,11 @@ class Gateway:
             output = -(-call.body_bytes // 4)
         else:
             return Usage(0, 0, estimated=False)
-        media = call.model.image_tokens or self.config.metering.image_tokens
-        inp = min(estimate_input(req.body, req.items, media), call.input_bound)
-        return Usage(inp, min(output, call.output_cap), estimated=True)
+        if call.input_estimate < 0:  # once per request: checkpoints ask every second
+            media = call.model.image_tokens or self.config.metering.image_tokens
+            estimate = estimate_input(req.body, req.items, media)
+            call.input_estimate = min(estimate, call.input_bound)
+        return Usage(call.input_estimate, min(output, call.output_cap), estimated=True)
 
     def written(self, rows: list[LedgerRow]) -> None:
         """Rows are durable: make uncharged money loud (metric, warning)."""
@@ -415,6 +420,27 @@ class Gateway:
                     row.request_id, row.account_id, format_usd(row.uncharged),
                     format_usd(row.cost),
                 )  # fmt: skip
+
+    def inflight_rows(self, skip: set[str]) -> tuple[list[LedgerRow], set[str]]:
+        """What each stream in flight (but those in ``skip``) would be charged if this
+        process died now; and the ids of every stream in flight."""
+        rows = []
+        ids = set()
+        now = int(time.time() * 1_000_000)
+        for call, (key, req) in list(self.streams.items()):
+            if not call.reached:
+                continue
+            ids.add(call.request_id)
+            if call.request_id in skip:
+                continue
+            usage = self.estimate(call, req)
+            row = LedgerRow(
+                call.request_id, key.account_id, key.id, call.model.id, call.endpoint,
+                usage.input_tokens, usage.output_tokens, call.model.cost(usage), True,
+                "cancelled", now,
+            )  # fmt: skip
+            rows.append(row)
+        return rows, ids
 
     def end_streams(self, why: str) -> None:
         """The leases were given up: end the streams admitted under them (stream error)."""
@@ -528,12 +554,14 @@ def _error(exc: APIError, request_id: str) -> web.Response:
     )
 
 
-def create_app(config: Config, replicas: int = 1) -> web.Application:
+def create_app(config: Config, replicas: int = 1, seat: str = "") -> web.Application:
+    """``seat``: where this process serves (host:port/worker), so the next process there
+    can reclaim at once what this one held if it dies."""
     import aiohttp
 
     global _PROBE_TIMEOUT
     _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2)
-    gateway = Gateway(config, replicas)
+    gateway = Gateway(config, replicas, seat)
     # the body limit is enforced by read_body; aiohttp's own is set just above it
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
     app["gateway"] = gateway

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bastion.credit import CreditBook
+from bastion.ledger import LedgerWriter
 from bastion.upstreams import UpstreamPool
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
@@ -36,8 +37,8 @@ class Metrics:
         self.store_refusals = 0  # 503s: credit could not be checked
         self.in_flight = 0
         self.ledger_queue = lambda: 0
-        self.dead_letters = lambda: 0
         self.book: CreditBook | None = None
+        self.writer: LedgerWriter | None = None
         overhead = Histogram(
             "bastion_overhead_seconds",
             "Time Bastion adds to a request, upstream time excluded",
@@ -99,10 +100,21 @@ class _GatewayCollector(Collector):
             "Cost of served requests that no balance could cover (ledger rows' uncharged)",
             value=m.uncharged,
         )
+        writer = m.writer
         yield CounterMetricFamily(
             "bastion_ledger_dead_letters",
             "Settled rows the store refused, kept in the dead-letter table",
-            value=m.dead_letters(),
+            value=writer.dead_letters if writer else 0,
+        )
+        yield CounterMetricFamily(
+            "bastion_reclaimed_gateways",
+            "Gateways that died in this seat before this one started; their leases reclaimed",
+            value=writer.reclaimed_gateways if writer else 0,
+        )
+        yield CounterMetricFamily(
+            "bastion_reclaimed_streams",
+            "Streams of gateways that died, charged by this one from their last checkpoint",
+            value=writer.reclaimed_streams if writer else 0,
         )
         yield CounterMetricFamily(
             "bastion_credit_unavailable",

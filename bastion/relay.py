@@ -73,6 +73,7 @@ class Call:
     first_byte_at: float = 0.0  # perf_counter when the upstream's headers came
     upstream_s: float = 0.0  # time spent waiting on the upstream
     answer: Answer | None = None  # a stream being relayed, so it can be ended
+    input_estimate: int = -1  # the input estimate, once made (metering.estimate_input)
     aborted: str = ""  # why the gateway ended it, if it did
 
     def abort(self, why: str) -> None:

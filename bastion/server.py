@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import signal
+import socket
 import time
 from typing import Any
 
@@ -56,14 +57,16 @@ def serve(
     supervise(config, host, port, workers)
 
 
-def run_worker(config: Config, host: str, port: int, workers: int) -> None:
+def run_worker(config: Config, host: str, port: int, workers: int, slot: int = 0) -> None:
+    """One gateway process. Its seat (host:port/slot) is taken over by its replacement,
+    which reclaims at once what this one held should it die."""
     import uvloop
 
     from bastion.app import DRAIN_GRACE_S, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     web.run_app(
-        create_app(config, replicas=workers),
+        create_app(config, replicas=workers, seat=f"{socket.gethostname()}:{port}/{slot}"),
         host=host,
         port=port,
         reuse_port=workers > 1,
@@ -82,8 +85,10 @@ def supervise(config: Config, host: str, port: int, workers: int) -> None:
     ctx = multiprocessing.get_context("spawn")
     stopping = False
 
-    def spawn() -> Any:
-        proc = ctx.Process(target=run_worker, args=(config, host, port, workers), daemon=True)
+    def spawn(slot: int) -> Any:
+        proc = ctx.Process(
+            target=run_worker, args=(config, host, port, workers, slot), daemon=True
+        )
         proc.start()
         return proc
 
@@ -93,14 +98,14 @@ def supervise(config: Config, host: str, port: int, workers: int) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    procs = [spawn() for _ in range(workers)]
+    procs = [spawn(slot) for slot in range(workers)]
     log.info("started %d workers on http://%s:%d", workers, host, port)
     while not stopping:
         time.sleep(0.2)
         for i, proc in enumerate(procs):
             if not proc.is_alive() and not stopping:
                 log.warning("worker %d exited with %s; restarting", proc.pid, proc.exitcode)
-                procs[i] = spawn()
+                procs[i] = spawn(i)
     for proc in procs:
         proc.terminate()  # SIGTERM to every worker at once: each drains (Gateway.drain)
     deadline = time.monotonic() + config.server.drain_timeout_s + SETTLE_S

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -688,3 +689,37 @@ def test_cli_against_postgres(pg_url: str, tmp_path: Path) -> None:
     key = bastion("keys", "create", "--account", "x")
     assert key["account"] == "x"
     assert [k["id"] for k in bastion("keys", "list")] == [key["id"]]
+
+
+# ---- crashes: seats and checkpoints ---------------------------------------------------
+
+
+async def test_a_dead_gateways_seat_and_checkpoints_are_reclaimed(store: Store) -> None:
+    a = await store.create_account("a", 1_000)
+    key, _ = await store.create_key("a")
+    await store.heartbeat("gw_dead", "host:8080/0")
+    await store.lease("gw_dead", a.id, 600)
+    stream = row("s1", a.id, key.id, 40, output_tokens=20, estimated=True, status="cancelled")
+    await store.checkpoint("gw_dead", [stream, row("s2", a.id, key.id, 10)], [])
+    await store.checkpoint("gw_dead", [replace(stream, output_tokens=30, cost=60)], ["s2"])
+    # the process that takes the seat: the dead one's lease is back at once
+    [dead] = await store.reclaim_seat("host:8080/0", "gw_new")
+    assert (dead.gateway_id, dead.leased) == ("gw_dead", 600)
+    assert (await store.get_account("a")).reserved == 0
+    # its checkpointed stream is charged, once, as the last checkpoint said
+    [charged] = await store.reclaim_checkpoints()
+    assert (charged.request_id, charged.output_tokens, charged.cost) == ("s1", 30, 60)
+    assert charged.estimated and charged.status == "cancelled"
+    assert await store.reclaim_checkpoints() == []
+    assert (await store.get_account("a")).balance == 940
+
+
+async def test_a_live_gateways_checkpoints_are_left_alone(store: Store) -> None:
+    a = await store.create_account("a", 1_000)
+    key, _ = await store.create_key("a")
+    await store.heartbeat("gw_live", "host:8080/1")
+    await store.checkpoint("gw_live", [row("s1", a.id, key.id, 40)], [])
+    assert await store.reclaim_seat("host:8080/0", "gw_other") == []
+    assert await store.reclaim_checkpoints() == []
+    await store.retire("gw_live")  # a clean shutdown leaves no checkpoint behind
+    assert await store.reclaim_checkpoints() == []

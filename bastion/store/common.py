@@ -88,6 +88,26 @@ def ledger_row(row: tuple[Any, ...]) -> LedgerRow:
     return LedgerRow(*values)
 
 
+CHECKPOINT_COLUMNS = (
+    "request_id, gateway_id, account_id, key_id, model, endpoint, input_tokens,"
+    " output_tokens, cost, created_at"
+)
+
+
+def checkpoint_values(gateway_id: str, row: LedgerRow) -> tuple[Any, ...]:
+    return (
+        row.request_id, gateway_id, row.account_id, row.key_id, row.model, row.endpoint,
+        row.input_tokens, row.output_tokens, row.cost, row.created_at,
+    )  # fmt: skip
+
+
+def checkpoint_row(values: tuple[Any, ...]) -> LedgerRow:
+    """A checkpoint of a dead gateway's stream, as the ledger row it becomes: what was
+    streamed at the last checkpoint, estimated, cancelled (the client was cut off)."""
+    rid, _gateway, account, key, model, endpoint, inp, out, cost, created = values
+    return LedgerRow(rid, account, key, model, endpoint, inp, out, cost, True, "cancelled", created)
+
+
 def dead_letter_json(row: LedgerRow) -> str:
     """A refused row, whole, as text (huge integers included): nothing served is lost."""
     import json

@@ -38,11 +38,13 @@ from bastion.store import (
     Conflict,
     LedgerRow,
     NotFound,
+    Reclaimed,
     RowRejected,
     Snapshot,
     StoreError,
 )
 from bastion.store.common import (
+    CHECKPOINT_COLUMNS,
     KEY_SELECT,
     LEDGER_COLUMNS,
     Funds,
@@ -52,6 +54,8 @@ from bastion.store.common import (
     charges,
     check_limits,
     check_row,
+    checkpoint_row,
+    checkpoint_values,
     dead_letter_json,
     ledger_row,
     ledger_values,
@@ -85,6 +89,12 @@ INSERT INTO ledger ({LEDGER_COLUMNS})
 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
                      $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::SMALLINT[], $10::TEXT[],
                      $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], $14::BIGINT[])
+"""
+
+_CHECKPOINT = f"""
+INSERT INTO inflight ({CHECKPOINT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (request_id) DO UPDATE SET input_tokens = excluded.input_tokens,
+    output_tokens = excluded.output_tokens, cost = excluded.cost
 """
 
 # Per account of a batch (locked first): balance, this gateway's live lease, all live leases.
@@ -155,8 +165,19 @@ class PostgresStore:
                         f"cannot connect to database {redact(self.url)}: {exc}"
                     ) from None
                 try:
-                    async with pool.acquire() as conn:
+                    async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                         await migrate_postgres(conn)
+                except (
+                    OSError,
+                    TimeoutError,
+                    asyncpg.InterfaceError,
+                    asyncpg.InvalidCatalogNameError,
+                    asyncpg.InvalidAuthorizationSpecificationError,
+                ) as exc:
+                    pool.terminate()
+                    raise StoreError(
+                        f"cannot connect to database {redact(self.url)}: {exc}"
+                    ) from None
                 except BaseException:
                     await pool.close()
                     raise
@@ -466,13 +487,14 @@ class PostgresStore:
             rows = await conn.fetch(KEY_SELECT + "WHERE k.updated_at >= $1", since_us)
         return [api_key(r) for r in rows]
 
-    async def heartbeat(self, gateway_id: str) -> bool:
+    async def heartbeat(self, gateway_id: str, seat: str = "") -> bool:
         """This gateway is alive; leases of gateways silent past the TTL are reclaimed.
 
         Returns whether the store still knew this gateway: False after it was reaped
-        (its leases are gone) or on its first beat."""
+        (its leases are gone) or on its first beat. The checkpoints of a reaped gateway
+        stay, for ``reclaim_checkpoints``."""
         async with self._write() as conn:
-            known = await _touch(conn, gateway_id)
+            known = await _touch(conn, gateway_id, seat)
             # SKIP LOCKED: a silent gateway that is leasing right now (it holds its row) is
             # alive after all, and one another reaper holds is being reaped already.
             dead = await conn.fetch(
@@ -544,7 +566,54 @@ class PostgresStore:
         """A clean shutdown: every lease of this gateway goes back at once."""
         async with self._write() as conn:
             await conn.execute("DELETE FROM leases WHERE gateway_id = $1", gateway_id)
+            await conn.execute("DELETE FROM inflight WHERE gateway_id = $1", gateway_id)
             await conn.execute("DELETE FROM gateways WHERE id = $1", gateway_id)
+
+    async def reclaim_seat(self, seat: str, gateway_id: str) -> list[Reclaimed]:
+        """The gateways that held this seat before us are dead: their leases go back now."""
+        async with self._write() as conn:
+            gone = await conn.fetch(
+                "DELETE FROM gateways WHERE seat = $1 AND id <> $2 RETURNING id, seen_at",
+                seat,
+                gateway_id,
+            )
+            held = dict(
+                await conn.fetch(
+                    "DELETE FROM leases WHERE gateway_id = ANY($1::TEXT[])"
+                    " RETURNING gateway_id, amount",
+                    [g[0] for g in gone],
+                )
+            )
+        return [Reclaimed(g[0], g[1], int(held.get(g[0], 0))) for g in gone]
+
+    async def checkpoint(self, gateway_id: str, rows: list[LedgerRow], gone: list[str]) -> None:
+        """Record this gateway's streams in flight (upsert ``rows``, drop ``gone`` ids)."""
+        async with self._write() as conn:
+            if gone:
+                await conn.execute(
+                    "DELETE FROM inflight WHERE gateway_id = $1 AND request_id = ANY($2::TEXT[])",
+                    gateway_id,
+                    gone,
+                )
+            if rows:
+                values = [checkpoint_values(gateway_id, r) for r in rows]
+                await conn.executemany(_CHECKPOINT, values)
+
+    async def reclaim_checkpoints(self) -> list[LedgerRow]:
+        """Charge the checkpointed streams of gateways that are gone; returns the new rows."""
+        async with self._read() as conn:
+            found = await conn.fetch(
+                f"SELECT {CHECKPOINT_COLUMNS} FROM inflight i WHERE NOT EXISTS"
+                " (SELECT 1 FROM gateways g WHERE g.id = i.gateway_id) LIMIT 1000"
+            )
+        if not found:
+            return []
+        written = await self.write_ledger([checkpoint_row(tuple(r)) for r in found])
+        async with self._write() as conn:
+            await conn.execute(
+                "DELETE FROM inflight WHERE request_id = ANY($1::TEXT[])", [r[0] for r in found]
+            )
+        return written
 
 
 async def _account(conn: asyncpg.Connection, name: str, ttl: int = LEASE_TTL_US) -> Account:
@@ -561,7 +630,7 @@ async def _key(conn: asyncpg.Connection, key_id: str) -> ApiKey:
     return api_key(row)
 
 
-async def _touch(conn: asyncpg.Connection, gateway_id: str) -> bool:
+async def _touch(conn: asyncpg.Connection, gateway_id: str, seat: str = "") -> bool:
     """Stamp the gateway as seen now (database clock); False if it was not known."""
     updated = await conn.fetchval(
         f"UPDATE gateways SET seen_at = {DB_NOW} WHERE id = $1 RETURNING 1", gateway_id
@@ -569,9 +638,10 @@ async def _touch(conn: asyncpg.Connection, gateway_id: str) -> bool:
     if updated:
         return True
     await conn.execute(
-        f"INSERT INTO gateways (id, seen_at) VALUES ($1, {DB_NOW})"
+        f"INSERT INTO gateways (id, seen_at, seat) VALUES ($1, {DB_NOW}, $2)"
         f" ON CONFLICT (id) DO UPDATE SET seen_at = {DB_NOW}",
         gateway_id,
+        seat,
     )
     return False
 

@@ -28,11 +28,13 @@ from bastion.store import (
     Conflict,
     LedgerRow,
     NotFound,
+    Reclaimed,
     RowRejected,
     Snapshot,
     StoreError,
 )
 from bastion.store.common import (
+    CHECKPOINT_COLUMNS,
     KEY_SELECT,
     LEDGER_COLUMNS,
     Funds,
@@ -42,6 +44,8 @@ from bastion.store.common import (
     charges,
     check_limits,
     check_row,
+    checkpoint_row,
+    checkpoint_values,
     dead_letter_json,
     ledger_row,
     ledger_values,
@@ -435,7 +439,7 @@ class SQLiteStore:
 
         return await self._run(_changed)
 
-    async def heartbeat(self, gateway_id: str) -> bool:
+    async def heartbeat(self, gateway_id: str, seat: str = "") -> bool:
         """This gateway is alive; leases of gateways silent past the TTL are reclaimed.
 
         Returns whether the store still knew this gateway: False after it was reaped
@@ -444,7 +448,7 @@ class SQLiteStore:
         def _beat(conn: sqlite3.Connection) -> bool:
             now = now_us()
             with self._write(conn):
-                known = self._touch(conn, gateway_id, now)
+                known = self._touch(conn, gateway_id, now, seat)
                 cutoff = now - self.ttl
                 conn.execute(
                     "DELETE FROM leases WHERE gateway_id IN"
@@ -517,17 +521,76 @@ class SQLiteStore:
         def _retire(conn: sqlite3.Connection) -> None:
             with self._write(conn):
                 conn.execute("DELETE FROM leases WHERE gateway_id = ?", (gateway_id,))
+                conn.execute("DELETE FROM inflight WHERE gateway_id = ?", (gateway_id,))
                 conn.execute("DELETE FROM gateways WHERE id = ?", (gateway_id,))
 
         await self._run(_retire)
 
+    async def reclaim_seat(self, seat: str, gateway_id: str) -> list[Reclaimed]:
+        """The gateways that held this seat before us are dead: their leases go back now."""
+
+        def _reclaim(conn: sqlite3.Connection) -> list[Reclaimed]:
+            with self._write(conn):
+                gone = conn.execute(
+                    "SELECT g.id, g.seen_at, COALESCE((SELECT SUM(amount) FROM leases l"
+                    " WHERE l.gateway_id = g.id), 0) FROM gateways g WHERE seat = ? AND id <> ?",
+                    (seat, gateway_id),
+                ).fetchall()
+                for gid, _, _ in gone:
+                    conn.execute("DELETE FROM leases WHERE gateway_id = ?", (gid,))
+                    conn.execute("DELETE FROM gateways WHERE id = ?", (gid,))
+            return [Reclaimed(*g) for g in gone]
+
+        return await self._run(_reclaim)
+
+    async def checkpoint(self, gateway_id: str, rows: list[LedgerRow], gone: list[str]) -> None:
+        """Record this gateway's streams in flight (upsert ``rows``, drop ``gone`` ids)."""
+
+        def _save(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                conn.executemany(
+                    "DELETE FROM inflight WHERE gateway_id = ? AND request_id = ?",
+                    [(gateway_id, rid) for rid in gone],
+                )
+                conn.executemany(
+                    f"INSERT INTO inflight ({CHECKPOINT_COLUMNS}) VALUES ({','.join('?' * 10)})"
+                    " ON CONFLICT (request_id) DO UPDATE SET input_tokens = excluded.input_tokens,"
+                    " output_tokens = excluded.output_tokens, cost = excluded.cost",
+                    [checkpoint_values(gateway_id, r) for r in rows],
+                )
+
+        if rows or gone:
+            await self._run(_save)
+
+    async def reclaim_checkpoints(self) -> list[LedgerRow]:
+        """Charge the checkpointed streams of gateways that are gone; returns the new rows."""
+
+        def _found(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(
+                f"SELECT {CHECKPOINT_COLUMNS} FROM inflight i WHERE NOT EXISTS"
+                " (SELECT 1 FROM gateways g WHERE g.id = i.gateway_id) LIMIT 1000"
+            ).fetchall()
+
+        def _drop(conn: sqlite3.Connection, ids: list[str]) -> None:
+            with self._write(conn):
+                conn.executemany("DELETE FROM inflight WHERE request_id = ?", [(i,) for i in ids])
+
+        found = await self._run(_found)
+        if not found:
+            return []
+        written = await self.write_ledger([checkpoint_row(r) for r in found])
+        await self._run(_drop, [r[0] for r in found])
+        return written
+
     @staticmethod
-    def _touch(conn: sqlite3.Connection, gateway_id: str, now: int) -> bool:
+    def _touch(conn: sqlite3.Connection, gateway_id: str, now: int, seat: str = "") -> bool:
         """Stamp the gateway as seen; False if it was not known."""
         updated = conn.execute("UPDATE gateways SET seen_at = ? WHERE id = ?", (now, gateway_id))
         if updated.rowcount:
             return True
-        conn.execute("INSERT INTO gateways (id, seen_at) VALUES (?, ?)", (gateway_id, now))
+        conn.execute(
+            "INSERT INTO gateways (id, seen_at, seat) VALUES (?, ?, ?)", (gateway_id, now, seat)
+        )
         return False
 
     @staticmethod
