@@ -123,6 +123,22 @@ class MemoryLimiter:
         if tpm and tokens and key_id in self._tok:
             self._tok[key_id] -= tokens * self._period / tpm
 
+    def get_state(self, key_id: str) -> tuple[float, float] | None:
+        """The key's (request, token) TATs as seconds from now; None for a key never seen.
+
+        With ``set_state``, what the Redis limiter's fallback hands over across an outage.
+        """
+        if key_id not in self._req and key_id not in self._tok:
+            return None
+        now = self._clock()
+        return self._req.get(key_id, now) - now, self._tok.get(key_id, now) - now
+
+    def set_state(self, key_id: str, req_in_s: float, tok_in_s: float) -> None:
+        """Set the key's TATs, as seconds from now (how Redis reports them)."""
+        now = self._clock()
+        self._req[key_id] = now + req_in_s
+        self._tok[key_id] = now + tok_in_s
+
     async def close(self) -> None:
         return None
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import free_port
+from faultproxy import FaultProxy
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -186,8 +187,40 @@ async def test_exact_across_replicas(make: MakeLimiter):
     assert not first.degraded and not second.degraded
 
 
-async def test_unreachable_redis_falls_back_to_a_share_of_the_limits(make: MakeLimiter):
-    limiter = make(f"redis://127.0.0.1:{free_port()}/0", replicas=2)
+# ---- Redis unreachable: failover, outage, recovery -----------------------------------
+# A FaultProxy in front of the real Redis refuses or black-holes on demand. The fallback
+# mirrors what Redis last said of each key, so the tests first let Redis see the key
+# (an admit, or a peek to learn it is at full budget), then take Redis away.
+
+
+@pytest.fixture
+def proxy() -> Iterator[FaultProxy]:
+    parts = urlsplit(REDIS_URL)
+    with FaultProxy(parts.hostname or "127.0.0.1", parts.port or 6379) as proxy:
+        yield proxy
+
+
+async def until(condition: Callable[[], bool], within: float = 5.0) -> float:
+    """Poll ``condition`` every 10 ms; how long it took to hold."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, "condition not met in time"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def redis_tat_ahead_s(client: Redis, key: str) -> float:
+    """How far a stored TAT is ahead of the Redis clock, in seconds (0: no key)."""
+    stored = await client.get(key)
+    now_s, now_us = await client.time()
+    return max(0, int(stored or 0) - (now_s * 1_000_000 + now_us)) / 1_000_000
+
+
+async def test_fallback_enforces_a_share_of_the_limits(make: MakeLimiter, proxy: FaultProxy):
+    limiter = make(proxy.url_for(REDIS_URL), replicas=2)
+    await limiter.peek("k", 10, 1000)  # Redis says: full budget
+    await limiter.peek("other", 0, 1000)
+    proxy.refuse()
     decisions = [await limiter.admit("k", 10, 1000, 1) for _ in range(6)]
     assert [d.allowed for d in decisions] == [True] * 5 + [False]
     assert decisions[0].headers["x-ratelimit-limit-requests"] == "5"
@@ -198,16 +231,115 @@ async def test_unreachable_redis_falls_back_to_a_share_of_the_limits(make: MakeL
     assert (await limiter.admit("other", 0, 1000, 800)).allowed
 
 
-async def test_a_hung_redis_costs_one_timeout_per_retry_interval(make: MakeLimiter, blackhole: int):
-    limiter = make(f"redis://127.0.0.1:{blackhole}/0", timeout_s=0.2, retry_s=60)
-    started = time.monotonic()
+async def test_failover_starts_from_the_last_known_state(make: MakeLimiter, proxy: FaultProxy):
+    """8 of 10 used in Redis: each of 2 replicas may admit its half of the 2 left, not 5."""
+    limiter = make(proxy.url_for(REDIS_URL), replicas=2)
+    for _ in range(8):
+        assert (await limiter.admit("k", 10, 0, 1)).allowed
+    assert (await limiter.admit("t", 0, 1000, 800)).allowed  # tokens: 200 left
+    proxy.refuse()
+    decisions = [await limiter.admit("k", 10, 0, 1) for _ in range(3)]
+    assert [d.allowed for d in decisions] == [True, False, False]
+    assert limiter.degraded and limiter.outages == 1
+    assert decisions[0].headers["x-ratelimit-remaining-requests"] == "0"
+    assert 11.9 < decisions[1].retry_after_s <= 12.0  # one every 60 / 5 s from here
+    assert (await limiter.admit("t", 0, 1000, 100)).allowed  # its half of the 200 left
+    assert not (await limiter.admit("t", 0, 1000, 100)).allowed
+
+
+async def test_a_key_never_seen_starts_spent_during_an_outage(make: MakeLimiter):
+    """No state to start from: its share's steady rate, but no burst."""
+    limiter = make(f"redis://127.0.0.1:{free_port()}/0", replicas=2)
+    refused = await limiter.admit("k", 10, 0, 1)
+    assert not refused.allowed and refused.reason == "requests"
+    assert 11.9 < refused.retry_after_s <= 12.0
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert limiter.degraded and limiter.fallbacks == 1
+
+
+async def test_recovery_hands_the_fallbacks_admissions_to_redis(
+    make: MakeLimiter, client: Redis, proxy: FaultProxy
+):
+    limiter = make(proxy.url_for(REDIS_URL), retry_s=0.05)
+    await limiter.peek("k", 10, 1000)
+    proxy.refuse()
+    decisions = [await limiter.admit("k", 10, 1000, 100) for _ in range(11)]
+    assert [d.allowed for d in decisions] == [True] * 10 + [False]
+    req, tok = limiter.keys("k")
+    assert not await client.exists(req, tok)  # Redis saw none of them
+    proxy.passing()
+    await until(lambda: not limiter.degraded)
+    # now it knows all ten (less the second or so the recovery took)
+    assert 58.5 < await redis_tat_ahead_s(client, req) <= 60
+    assert 58.5 < await redis_tat_ahead_s(client, tok) <= 60
+    refused = await limiter.admit("k", 10, 1000, 100)
+    assert not refused.allowed  # no refilled burst: Redis went on from the fallback
+    assert 4.5 < refused.retry_after_s <= 6.0
+    assert limiter.outages == 1 and limiter.fallbacks == 11
+
+
+async def test_recovery_never_lowers_what_redis_holds(
+    make: MakeLimiter, client: Redis, proxy: FaultProxy
+):
+    """The hand-back is a max(): another replica, still on Redis, used more meanwhile."""
+    cut_off = make(proxy.url_for(REDIS_URL), replicas=2, retry_s=0.05)
+    other = make()  # reaches Redis directly
+    await cut_off.peek("k", 10, 0)
+    proxy.refuse()
+    assert (await cut_off.admit("k", 10, 0, 1)).allowed  # locally: 12 s of its share
+    for _ in range(10):
+        assert (await other.admit("k", 10, 0, 1)).allowed
+    proxy.passing()
+    await until(lambda: not cut_off.degraded)
+    assert 58.5 < await redis_tat_ahead_s(client, cut_off.keys("k")[0]) <= 60
+
+
+async def test_flapping_redis_is_debounced(make: MakeLimiter, proxy: FaultProxy):
+    """Up for less than ``recover_after`` probes at a time: still one outage, still local."""
+    limiter = make(proxy.url_for(REDIS_URL), retry_s=0.2, recover_after=3)
+    await limiter.peek("k", 10, 0)
+    proxy.refuse()
     assert (await limiter.admit("k", 10, 0, 1)).allowed
+    for _ in range(4):  # up 0.3 s (at most 2 probes), down 0.3 s
+        proxy.passing()
+        await asyncio.sleep(0.3)
+        assert limiter.degraded
+        proxy.refuse()
+        await asyncio.sleep(0.3)
+    proxy.passing()
+    took = await until(lambda: not limiter.degraded)
+    assert 0.4 < took < 2.0  # three probes 0.2 s apart, the first up to 0.2 s after
+    assert limiter.outages == 1
+
+
+@pytest.mark.parametrize("fault", ["refuse", "blackhole"])
+async def test_no_flapping_after_recovery(make: MakeLimiter, proxy: FaultProxy, fault: str):
+    """Connections pooled before the outage are dropped: none fails the first calls after."""
+    limiter = make(proxy.url_for(REDIS_URL), retry_s=0.05, timeout_s=1)
+    await asyncio.gather(*(limiter.admit(f"k{i}", 1000, 0, 1) for i in range(20)))
+    assert not limiter.degraded  # 20 connections in the pool
+    proxy.refuse() if fault == "refuse" else proxy.blackhole()
+    await limiter.admit("k", 1000, 0, 1)
+    assert limiter.degraded
+    proxy.passing()
+    await until(lambda: not limiter.degraded)
+    fallbacks = limiter.fallbacks
+    for _ in range(3):
+        await asyncio.gather(*(limiter.admit(f"k{i}", 1000, 0, 1) for i in range(20)))
+    assert limiter.fallbacks == fallbacks and limiter.outages == 1
+
+
+async def test_a_hung_redis_costs_one_timeout_then_nothing(make: MakeLimiter, blackhole: int):
+    limiter = make(f"redis://127.0.0.1:{blackhole}/0", timeout_s=0.2, retry_s=0.05)
+    started = time.monotonic()
+    await limiter.admit("k", 10, 0, 1)
     assert 0.15 < time.monotonic() - started < 1.0
     assert limiter.degraded
     started = time.monotonic()
-    for _ in range(20):
+    for _ in range(20):  # probes (each a 0.2 s timeout) run in the background meanwhile
         await limiter.admit("k", 10, 0, 1)
-    assert time.monotonic() - started < 0.1  # no Redis round trip until retry_s passes
+        await asyncio.sleep(0.01)
+    assert time.monotonic() - started < 0.5
     assert limiter.fallbacks == 21
 
 
@@ -219,69 +351,32 @@ async def test_refunds_never_block_and_failures_are_counted(make: MakeLimiter):
     assert limiter.refund_failures == 1 and not limiter._tasks
 
 
-async def test_refunds_during_an_outage_go_to_the_fallback(make: MakeLimiter):
-    limiter = make(f"redis://127.0.0.1:{free_port()}/0")
+async def test_refunds_during_an_outage_go_to_the_fallback(make: MakeLimiter, proxy: FaultProxy):
+    limiter = make(proxy.url_for(REDIS_URL))
+    await limiter.peek("k", 0, 1000)
+    proxy.refuse()
     assert (await limiter.admit("k", 0, 1000, 800)).allowed
     limiter.refund("k", 1000, 700)
     assert not limiter._tasks
     assert (await limiter.admit("k", 0, 1000, 300)).allowed
 
 
-class Proxy:
-    """A TCP proxy to the real Redis that can be taken down and brought back."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.target = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self.port = free_port()
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def up(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-
-    async def down(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        self.writers.clear()
-        await self.server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self.writers += [writer, up_writer]
-        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except OSError:
-        pass
-    finally:
-        writer.close()
-
-
-async def test_outage_and_recovery(make: MakeLimiter, client: Redis):
-    proxy = Proxy(REDIS_URL)
-    limiter = make(f"redis://127.0.0.1:{proxy.port}/0", retry_s=0.1)
+async def test_outage_and_recovery(make: MakeLimiter, client: Redis, proxy: FaultProxy):
+    limiter = make(proxy.url_for(REDIS_URL), retry_s=0.05)
     assert (await limiter.admit("k", 10, 0, 1)).allowed
-    assert limiter.degraded and limiter.outages == 1  # nothing listening yet
-    await proxy.up()
-    try:
-        await asyncio.sleep(0.15)
-        assert (await limiter.admit("k", 10, 0, 1)).allowed
-        assert not limiter.degraded
-        assert await client.exists(limiter.keys("k")[0])  # this one went to Redis
-        await proxy.down()
-        assert (await limiter.admit("k", 10, 0, 1)).allowed
-        assert limiter.degraded and limiter.outages == 2
-    finally:
-        if proxy.server is not None and proxy.server.is_serving():
-            await proxy.down()
+    assert await client.exists(limiter.keys("k")[0])
+    await client.delete(limiter.keys("k")[0])
+    proxy.refuse()
+    assert (await limiter.admit("k", 10, 0, 1)).allowed
+    assert limiter.degraded and limiter.outages == 1
+    proxy.passing()
+    await until(lambda: not limiter.degraded)
+    assert await client.exists(limiter.keys("k")[0])  # handed back on recovery
+    assert (await limiter.admit("k", 10, 0, 1)).allowed  # and this one went to Redis
+    assert limiter.fallbacks == 1
+    proxy.refuse()
+    assert (await limiter.admit("k", 10, 0, 1)).allowed
+    assert limiter.degraded and limiter.outages == 2
 
 
 async def test_open_limiter_builds_the_redis_limiter():
