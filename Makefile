@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench sim clean
+.PHONY: demo test lint bench sim clean fuzz-money soak
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,8 +23,17 @@ test: $(STAMP)  ## the whole suite (lint, Python tests, JavaScript examples)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
+fuzz-money: $(STAMP)  ## randomized money test (tests/test_money_fuzz.py), 600 s on a random seed
+	@seed=$${BASTION_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "BASTION_FUZZ_SEED=$$seed"; \
+	BASTION_FUZZ_SEED=$$seed BASTION_FUZZ_SECONDS=$${BASTION_FUZZ_SECONDS:-600} \
+		$(BIN)/pytest tests/test_money_fuzz.py -x -q
+
 bench: $(STAMP)  ## gateway benchmark (bench/README.md); options: make bench ARGS="--quick --scale"
 	$(BIN)/python -m bench.run $(ARGS)
+
+soak: $(STAMP)  ## 30-minute soak of one gateway (bench/soak.py); e.g. make soak ARGS="--minutes 5"
+	$(BIN)/python -m bench.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
