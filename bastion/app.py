@@ -19,6 +19,7 @@ import orjson
 from aiohttp import web
 
 from bastion.auth import KeyTable
+from bastion.bodyguard import BodyGuard
 from bastion.config import Config, ModelConfig
 from bastion.credit import CreditBook, Reservation
 from bastion.errors import APIError
@@ -57,6 +58,7 @@ class Gateway:
             inflight=self.inflight_rows,
         )
         self.relay = Relay(config.upstreams, config.health_check_interval_s)
+        self.guard = BodyGuard(config.server.max_json_containers)
         self.metrics = Metrics(self.relay.pool, self.limiter)
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
         self.metrics.book = self.book
@@ -101,6 +103,7 @@ class Gateway:
         return not self.metrics.in_flight
 
     async def cleanup(self, app: web.Application) -> None:
+        self.guard.close()
         await self.writer.close()
         await self.relay.close()
         await self.limiter.close()
@@ -122,7 +125,10 @@ class Gateway:
             if self.draining:
                 raise _DRAINING
             key = self.authenticate(request)
-            req = parse(await self.read_body(request), endpoint)
+            raw = await self.read_body(request)
+            if len(raw) > self.guard.max_containers:  # else it cannot hold that many
+                await self.guard.check(raw)
+            req = parse(raw, endpoint)
             model = self.resolve(req.model, endpoint)
             cap = self.output_cap(req, model)
             bound = input_bound(req.body, req.items, self.config.metering, model.image_tokens)

@@ -32,6 +32,7 @@ class ServerConfig:
     max_body_bytes: int = 20_000_000
     workers: int = 1
     drain_timeout_s: float = 30.0  # on SIGTERM: in-flight work may finish this long
+    max_json_containers: int = 20_000  # objects + arrays in one body (bastion/bodyguard.py)
     client_write_timeout_s: float = 60.0  # a client that reads nothing this long is cut off
 
 
