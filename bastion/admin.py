@@ -108,7 +108,7 @@ class Admin:
     def authorize(self, request: web.Request) -> None:
         """Constant-time comparison, so the token cannot be guessed byte by byte."""
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        given = token.strip().encode()
+        given = token.strip().encode("utf-8", "surrogateescape")  # any bytes: never a 500
         if scheme.lower() != "bearer" or not given or not hmac.compare_digest(given, self._token):
             raise APIError(
                 401,

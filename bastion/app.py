@@ -18,7 +18,7 @@ import time
 import orjson
 from aiohttp import web
 
-from bastion.auth import KeyTable
+from bastion.auth import KeyTable, well_formed
 from bastion.bodyguard import BodyGuard
 from bastion.config import Config, ModelConfig
 from bastion.credit import CreditBook, Reservation
@@ -190,10 +190,16 @@ class Gateway:
                 "invalid_api_key",
                 "Missing API key: send 'Authorization: Bearer qbt_…'.",
             )
-        key = self.keys.get(token.strip())
+        token = token.strip()
+        if not well_formed(token):  # also: bytes that are not UTF-8 never reach the hash
+            raise APIError(
+                401,
+                "invalid_api_key",
+                "Malformed API key: a key is 'qbt_' and at least 32 letters, digits, '-' or '_'.",
+            )
+        key = self.keys.get(token)
         if key is None:
-            shown = token[:8] + "…" if len(token) > 8 else "…"
-            raise APIError(401, "invalid_api_key", f"Incorrect or revoked API key: {shown}")
+            raise APIError(401, "invalid_api_key", f"Incorrect or revoked API key: {token[:8]}…")
         return key
 
     async def read_body(self, request: web.Request) -> bytes:
@@ -519,7 +525,10 @@ class Gateway:
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(
             body=self.metrics.render(),
-            headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+            headers={
+                "Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+                "x-request-id": new_request_id(),
+            },
         )
 
 

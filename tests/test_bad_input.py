@@ -115,3 +115,41 @@ def test_oversize_chunked_body(gateway, victim):
     )
     assert resp.status_code == 413
     check(gateway, victim, resp)
+
+
+def raw_request(gateway, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Bytes no HTTP client library would send: the status line and the whole answer."""
+    import socket
+
+    host, port = gateway.root.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head + b"\r\nConnection: close\r\n\r\n" + body)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer \xff\xfe\xfd", b"Bearer qbt_\xc3\x28abc", b"\xff", b"Bearer \x7fqbt_x"],
+    ids=["latin-1 bytes", "broken utf-8", "no scheme", "control byte"],
+)
+def test_a_malformed_authorization_header_is_a_401_not_a_500(gateway, value):
+    body = b'{"model":"gpt-oss-120b","input":"x"}'
+    head = (
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\nAuthorization: " + value
+    )
+    status, answer = raw_request(gateway, head, body)
+    assert status in (400, 401), answer  # 400: bytes HTTP forbids, refused by the HTTP parser
+    if status == 401:
+        assert b"x-request-id" in answer.lower() and b'"invalid_api_key"' in answer
+    for path in (b"/v1/models", b"/v1/key", b"/admin/v1/accounts"):
+        status, answer = raw_request(gateway, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                                     b"Authorization: " + value)  # fmt: skip
+        assert status in (400, 401, 404), answer
+
+
+def test_metrics_answers_carry_a_request_id(gateway):
+    assert httpx.get(gateway.root + "/metrics").headers.get("x-request-id", "").startswith("req_")
