@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench sim clean fuzz-money soak
+.PHONY: demo test lint bench sim clean fuzz fuzz-money soak
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,6 +22,9 @@ sim: $(STAMP)
 test: $(STAMP)  ## the whole suite (lint, Python tests, JavaScript examples)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+fuzz: $(STAMP)  ## property-based fuzzing of client input, 5,000 fresh examples per endpoint
+	BASTION_FUZZ_EXAMPLES=$${BASTION_FUZZ_EXAMPLES:-5000} $(BIN)/pytest tests/test_fuzz_requests.py -x -q
 
 fuzz-money: $(STAMP)  ## randomized money test (tests/test_money_fuzz.py), 600 s on a random seed
 	@seed=$${BASTION_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
