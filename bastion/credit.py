@@ -41,6 +41,7 @@ log = logging.getLogger("bastion.credit")
 
 HEADROOM = 4  # a lease grows by what is missing + 4 worst cases, or + what is in use if larger
 IDLE_RELEASE_S = 2.0  # an account unused this long gives its free lease back
+GROW_ROUNDS = 3  # lease grants one waiting request may ask for before it is refused
 
 
 class StoreUnavailable(Exception):
@@ -106,12 +107,16 @@ class CreditBook:
         self.waits += 1
         epoch = self.epoch
         async with self._lock(account_id):
-            missing = amount - self.free(account_id)
-            if missing > 0:
+            # Requests admitted on the fast path meanwhile may take what a grant brought:
+            # grow again while the store still has unleased credit (a few rounds at most)
+            for round_ in range(GROW_ROUNDS):
+                missing = amount - self.free(account_id)
+                if missing <= 0 or (round_ and self.unleased.get(account_id) == 0):
+                    break  # it fits, or the store has nothing more to lease
                 headroom = max(HEADROOM * amount, self.in_use(account_id))
                 await self._grow(account_id, missing + headroom)
-            if self.epoch != epoch:
-                raise StoreUnavailable  # the leases were given up while we waited
+                if self.epoch != epoch:
+                    raise StoreUnavailable  # the leases were given up while we waited
             if amount <= self.free(account_id):
                 return self._take(account_id, amount)
         return None
