@@ -57,7 +57,11 @@ class Gateway:
             seat=seat,
             inflight=self.inflight_rows,
         )
-        self.relay = Relay(config.upstreams, config.health_check_interval_s)
+        self.relay = Relay(
+            config.upstreams,
+            config.health_check_interval_s,
+            client_write_timeout_s=config.server.client_write_timeout_s,
+        )
         self.guard = BodyGuard(config.server.max_json_containers)
         self.metrics = Metrics(self.relay.pool, self.limiter)
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
@@ -512,15 +516,8 @@ class Gateway:
             await asyncio.wait_for(self.store.ping(), 2.0)
         except Exception:
             return False
-        assert self.relay.session is not None
-        for upstream in self.config.upstreams.values():
-            with contextlib.suppress(Exception):
-                async with self.relay.session.get(
-                    upstream.url + "/models", timeout=_PROBE_TIMEOUT
-                ) as resp:
-                    if resp.status < 500:
-                        return True
-        return False
+        # the replicas' own health checks (GET <root>/health) say which are in rotation
+        return any(replica.available for replica in self.relay.pool.replicas.values())
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(
@@ -530,9 +527,6 @@ class Gateway:
                 "x-request-id": new_request_id(),
             },
         )
-
-
-_PROBE_TIMEOUT = None  # set in create_app (aiohttp.ClientTimeout needs a loop-free import)
 
 
 def new_request_id() -> str:
@@ -572,10 +566,6 @@ def _error(exc: APIError, request_id: str) -> web.Response:
 def create_app(config: Config, replicas: int = 1, seat: str = "") -> web.Application:
     """``seat``: where this process serves (host:port/worker), so the next process there
     can reclaim at once what this one held if it dies."""
-    import aiohttp
-
-    global _PROBE_TIMEOUT
-    _PROBE_TIMEOUT = aiohttp.ClientTimeout(total=2)
     gateway = Gateway(config, replicas, seat)
     # the body limit is enforced by read_body; aiohttp's own is set just above it
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)

@@ -154,7 +154,9 @@ class _UpstreamCollector(Collector):
         labels = ["upstream"]
         attempts = CounterMetricFamily("bastion_upstream_requests", "Attempts sent", labels=labels)
         errors = CounterMetricFamily(
-            "bastion_upstream_failures", "Connect errors and 5xx answers", labels=labels
+            "bastion_upstream_failures",
+            "Refused, broken, timed out, not HTTP, 5xx, or out after a failed health check",
+            labels=labels,
         )
         outstanding = GaugeMetricFamily(
             "bastion_upstream_outstanding", "Requests in flight", labels=labels

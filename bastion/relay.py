@@ -7,6 +7,13 @@ rewrites only what SPEC §1 allows (the model name, the usage chunk Bastion aske
 for on the client's behalf). An upstream that breaks off ends the client's stream
 with a well-formed error event, never a silent truncation.
 
+A replica that fails before the client got a byte (refused, broken, 5xx, silent past
+its read timeout, not HTTP) is ejected and the request tried on another; a timeout is
+retried once only, so a fleet that hangs costs two read timeouts, not one per replica.
+A client that reads nothing for ``client_write_timeout_s`` is cut off like one that
+left: its upstream is cancelled and the slot freed. Waiting for the client costs a
+timer only while its transport is actually over the high-water mark.
+
 Requests go upstream through ``upstream_http`` (keep-alive connections, httptools
 framing); aiohttp's client serves only the health checks.
 """
@@ -14,6 +21,7 @@ framing); aiohttp's client serves only the health checks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import Awaitable
@@ -22,19 +30,25 @@ from dataclasses import dataclass, field
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.http import StreamWriter
 
 from bastion.config import ModelConfig, UpstreamConfig
 from bastion.errors import APIError
 from bastion.metering import Usage, usage_from
 from bastion.upstream_http import (
+    Aborted,
     Answer,
     Disconnected,
+    ProtocolError,
     Reply,
+    Timeout,
     Unreachable,
     UpstreamClient,
     UpstreamHTTPError,
 )
 from bastion.upstreams import Replica, UpstreamPool
+
+log = logging.getLogger("bastion.relay")
 
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
 _SEQ = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
@@ -85,9 +99,13 @@ class Call:
 
 class Relay:
     def __init__(
-        self, upstreams: dict[str, UpstreamConfig], health_interval_s: float = 5.0
+        self,
+        upstreams: dict[str, UpstreamConfig],
+        health_interval_s: float = 5.0,
+        client_write_timeout_s: float = 60.0,
     ) -> None:
         self.upstreams = upstreams
+        self.client_write_timeout_s = client_write_timeout_s
         self.pool = UpstreamPool(upstreams, health_interval_s)
         self.session: aiohttp.ClientSession | None = None  # health checks and /readyz probes
         self.clients: dict[str, UpstreamClient] = {}  # requests, one keep-alive pool each
@@ -117,12 +135,15 @@ class Relay:
             await self.session.close()
 
     async def send(self, request: web.Request, call: Call) -> web.StreamResponse:
-        """Try the model's replicas until one answers; retry only before the client got a byte."""
+        """Try the model's replicas until one answers; retry only before the client got a byte.
+
+        After a second timeout no other replica is tried: each costs a whole read timeout."""
         assert self.clients, "Relay.start() first"
         path = "/responses" if call.endpoint == "responses" else "/chat/completions"
         tried: set[str] = set()
         sent = time.perf_counter()
         error: APIError | None = None
+        timed_out = False
         while (replica := self.pool.pick(call.model.upstreams, tried)) is not None:
             tried.add(replica.config.name)
             call.upstream = replica.config
@@ -132,6 +153,10 @@ class Relay:
                 return await self._attempt(request, call, replica, path, sent)
             except _Retry as retry:
                 error = retry.error
+                if retry.timed_out:
+                    if timed_out:
+                        break
+                    timed_out = True
             except asyncio.CancelledError:  # the client left; the upstream may have begun
                 call.reached = True  # so the ledger records the cancellation (cost 0 if no output)
                 raise
@@ -159,14 +184,12 @@ class Relay:
                 answer = await client.post(path, call.payload, headers)
         except Unreachable as exc:
             self.pool.failed(replica, str(exc))
-            raise _Retry(APIError(502, "upstream_error", f"upstream unreachable: {exc}")) from None
-        except Disconnected as exc:
+            raise _Retry(APIError(502, "upstream_error", public(exc))) from None
+        except (Disconnected, Timeout, ProtocolError) as exc:  # the client has seen nothing yet
             call.reached = True
             self.pool.failed(replica, str(exc))
-            raise _Retry(APIError(502, "upstream_error", str(exc))) from None
-        except UpstreamHTTPError as exc:  # timed out, or not HTTP
-            call.reached = True
-            raise APIError(502, "upstream_error", str(exc)) from None
+            error = APIError(502, "upstream_error", public(exc))
+            raise _Retry(error, timed_out=isinstance(exc, Timeout)) from None
         finally:
             call.upstream_s = time.perf_counter() - sent
         call.reached = True
@@ -182,7 +205,7 @@ class Relay:
             self.pool.succeeded(replica)
             if isinstance(answer, Reply):
                 return self._json(answer.body, call)
-            response = await self._stream(request, answer, call)
+            response = await self._stream(request, answer, call, replica)
             call.upstream_s = time.perf_counter() - sent
             return response
         finally:
@@ -204,30 +227,40 @@ class Relay:
         return web.Response(body=data, status=200, headers=call.headers)
 
     async def _stream(
-        self, request: web.Request, upstream: Answer, call: Call
+        self, request: web.Request, upstream: Answer, call: Call, replica: Replica
     ) -> web.StreamResponse:
         scanner = ResponsesScanner(call) if call.endpoint == "responses" else ChatScanner(call)
         response = web.StreamResponse(status=200, headers={**STREAM_HEADERS, **call.headers})
         call.status = "cancelled"  # until the stream is known to have ended well
         try:
-            await _send(response.prepare(request))
-            failure = await self._pipe(upstream, response, scanner, call)
+            writer = await response.prepare(request)
+            assert isinstance(writer, StreamWriter)
+            failure = await self._pipe(upstream, writer, scanner, call, replica)
             if failure:
-                await _send(response.write(scanner.error_event(failure)))
+                await self._write(writer, scanner.error_event(failure), call)
             call.status = "502" if failure or scanner.errored else "200"
-            await _send(response.write_eof())
-        except _ClientGone:
-            call.status = "cancelled"  # aiohttp ignores the closed connection from here
+            transport = writer.transport
+            if transport is not None and transport.get_write_buffer_size():  # client behind
+                await self._guard(response.write_eof(), transport, call)
+            else:
+                await response.write_eof()
+        except ConnectionError:  # the client left (or was cut off); aiohttp ignores it from here
+            call.status = "cancelled"
         return response
 
-    @staticmethod
     async def _pipe(
+        self,
         upstream: Answer,
-        response: web.StreamResponse,
+        writer: StreamWriter,
         scanner: ResponsesScanner | ChatScanner,
         call: Call,
+        replica: Replica,
     ) -> str:
-        """Relay whole SSE events as they come; returns why the upstream failed, or ''."""
+        """Relay whole SSE events as they come; returns why the upstream failed, or ''.
+
+        Writes never wait inside aiohttp (``drain=False``): only when the client's
+        transport is over its high-water mark is the drain awaited, under the write timeout."""
+        protocol = writer.protocol
         buffer = b""
         try:
             while chunk := await upstream.read():
@@ -241,31 +274,55 @@ class Relay:
                         out.append(event)
                 buffer = buffer[start:]
                 if out:
-                    await _send(response.write(out[0] if len(out) == 1 else b"".join(out)))
-        except Disconnected as exc:
-            return f"upstream broke off the stream: {exc}"
-        except UpstreamHTTPError as exc:  # silent past the read timeout, or not HTTP
+                    await writer.write(out[0] if len(out) == 1 else b"".join(out), drain=False)
+                    if protocol.writing_paused:
+                        await self._drain(writer, call)
+        except Aborted as exc:  # by the gateway: the replica is not at fault
             return str(exc)
+        except Disconnected as exc:
+            self.pool.failed(replica, str(exc))
+            return "upstream broke off the stream"
+        except UpstreamHTTPError as exc:  # silent past the read timeout, or not HTTP
+            self.pool.failed(replica, str(exc))
+            return public(exc)
         return "" if scanner.finished else "upstream closed the stream before it finished"
 
+    async def _write(self, writer: StreamWriter, data: bytes, call: Call) -> None:
+        await writer.write(data, drain=False)
+        if writer.protocol.writing_paused:
+            await self._drain(writer, call)
 
-class _ClientGone(Exception):
-    """Writing to the client failed: it disconnected (not an upstream error)."""
+    async def _drain(self, writer: StreamWriter, call: Call) -> None:
+        """The client is behind: wait for it to read, but cut it off if it reads nothing."""
+        transport = writer.transport
+        if transport is not None:
+            await self._guard(writer.drain(), transport, call)
+
+    async def _guard(self, wait: Awaitable[None], transport: asyncio.Transport, call: Call) -> None:
+        """``wait`` for the client; past the write timeout, drop its connection.
+
+        Dropping it ends the request as a disconnect does (aiohttp cancels the handler,
+        or the next write fails): the upstream is closed, the delivered part settled."""
+        after = self.client_write_timeout_s
+        timer = asyncio.get_running_loop().call_later(after, _cut_off, transport, call, after)
+        try:
+            await wait
+        finally:
+            timer.cancel()
 
 
-async def _send(write: Awaitable[object]) -> None:
-    try:
-        await write
-    except ConnectionResetError:
-        raise _ClientGone from None
+def _cut_off(transport: asyncio.Transport, call: Call, after: float) -> None:
+    log.warning("request %s: the client read nothing for %gs; cut off", call.request_id, after)
+    transport.abort()
 
 
 class _Retry(Exception):
     """This replica failed before the client saw anything: another may be tried."""
 
-    def __init__(self, error: APIError) -> None:
+    def __init__(self, error: APIError, timed_out: bool = False) -> None:
         super().__init__(error.message)
         self.error = error
+        self.timed_out = timed_out
 
 
 class ResponsesScanner:
@@ -334,6 +391,20 @@ class ChatScanner:
 
     def error_event(self, message: str) -> bytes:
         return b"data: " + orjson.dumps({"error": _error_object(message)}) + b"\n\n"
+
+
+def public(exc: UpstreamHTTPError) -> str:
+    """What a client may read about an upstream failure: its kind, never the operator's
+    hosts and ports (those go to the log, through ``UpstreamPool.failed``)."""
+    if isinstance(exc, Unreachable):
+        return "upstream unreachable"
+    if isinstance(exc, Disconnected):
+        return "upstream closed the connection before answering"
+    if isinstance(exc, Timeout):
+        return str(exc)  # "upstream sent nothing for Ns": no address in it
+    if isinstance(exc, Aborted):
+        return str(exc)
+    return "upstream sent an answer that is not valid HTTP"
 
 
 def upstream_error(status: int, body: bytes, call: Call) -> APIError:

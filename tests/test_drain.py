@@ -104,7 +104,7 @@ def test_sigterm_lets_short_streams_finish_ends_long_ones_cleanly_and_writes_eve
             signalled = time.monotonic()
             await asyncio.sleep(0.5)
             try:  # the listener is closed: a new connection is refused
-                httpx.get(gateway.root + "/healthz", timeout=1)
+                await asyncio.to_thread(httpx.get, gateway.root + "/healthz", timeout=1)
                 refused = False
             except httpx.ConnectError:
                 refused = True

@@ -21,6 +21,10 @@ import pytest
 from aiohttp import web
 from conftest import Gateway, free_port, start, stop
 
+from bastion.config import ModelConfig, UpstreamConfig
+from bastion.errors import APIError
+from bastion.relay import Call, Relay
+
 RESPONSE = {
     "id": "resp_1",
     "object": "response",
@@ -227,3 +231,41 @@ def test_idle_connections_the_upstream_closed_are_not_reused(relay_gateway):
         time.sleep(0.6)  # past the upstream's keep-alive: it has closed the connection
     assert len(gw.settled(account, 6)) == 6
     assert len({seen.peer for seen in upstream.seen}) == 6  # a new connection every time
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_fleet_that_hangs_costs_two_read_timeouts_not_one_per_replica(stream):
+    """A timeout is retried once on another replica (the client has seen nothing), no more."""
+    posts: list[float] = []
+
+    async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            if (await reader.readuntil(b"\r\n\r\n")).startswith(b"POST "):
+                posts.append(time.monotonic())
+            await reader.read()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(hang, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    ups = {n: UpstreamConfig(n, url, read_timeout_s=0.3) for n in ("a", "b", "c")}
+    model = ModelConfig("m", "m", frozenset({"responses"}), tuple(ups), 1, 1, 16)
+    relay = Relay(ups, health_interval_s=60)
+    await relay.start()
+    try:
+        call = Call("req_1", "responses", model, b"{}", stream, False, False)
+        started = time.monotonic()
+        with pytest.raises(APIError) as raised:
+            await relay.send(None, call)  # type: ignore[arg-type]  # no byte reaches a client
+        elapsed = time.monotonic() - started
+        assert raised.value.status == 502 and "sent nothing for 0.3s" in raised.value.message
+        assert call.attempts == len(posts) == 2
+        assert 0.55 < elapsed < 1.0
+        tried = [r for r in relay.pool.replicas.values() if r.attempts]
+        assert len(tried) == 2 and not any(r.available for r in tried)  # both ejected
+    finally:
+        await relay.close()
+        server.close()
