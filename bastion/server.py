@@ -62,9 +62,11 @@ def run_worker(config: Config, host: str, port: int, workers: int, slot: int = 0
     which reclaims at once what this one held should it die."""
     import uvloop
 
+    from bastion import logsafe
     from bastion.app import DRAIN_GRACE_S, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logsafe.install()
     web.run_app(
         create_app(config, replicas=workers, seat=f"{socket.gethostname()}:{port}/{slot}"),
         host=host,
