@@ -195,14 +195,18 @@ class Gateway:
                 "Missing API key: send 'Authorization: Bearer qbt_…'.",
             )
         token = token.strip()
-        if not well_formed(token):  # also: bytes that are not UTF-8 never reach the hash
-            raise APIError(
-                401,
-                "invalid_api_key",
-                "Malformed API key: a key is 'qbt_' and at least 32 letters, digits, '-' or '_'.",
-            )
-        key = self.keys.get(token)
+        try:
+            key = self.keys.get(token)
+        except UnicodeEncodeError:  # bytes that are not UTF-8: not a key
+            key = None
         if key is None:
+            if not well_formed(token):  # never echo what is not a key's shape
+                raise APIError(
+                    401,
+                    "invalid_api_key",
+                    "Malformed API key: a key is 'qbt_' and at least 32 letters, digits, '-'"
+                    " or '_'.",
+                )
             raise APIError(401, "invalid_api_key", f"Incorrect or revoked API key: {token[:8]}…")
         return key
 
