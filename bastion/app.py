@@ -166,6 +166,8 @@ class Gateway:
         except APIError as exc:
             if call is not None:
                 call.status = str(exc.status)
+                if call.upstream is not None:  # an upstream's message, relayed: never our key
+                    exc.redact(call.upstream.api_key)
             elif key is not None and not limited and "retry-after" not in exc.headers:
                 headers.update(await self.limiter.peek(key.id, *self.limits(key)))
             headers.update(exc.headers)

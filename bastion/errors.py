@@ -37,6 +37,16 @@ class APIError(Exception):
         self.type = type or _TYPES.get(status, "invalid_request_error")
         self.headers = headers or {}
 
+    def redact(self, secret: str) -> None:
+        """Cut ``secret`` out of every text the client will read (an upstream may echo the
+        credentials Bastion sent it in its own error message)."""
+        if not secret:
+            return
+        self.message = self.message.replace(secret, "[redacted]")
+        self.code = self.code.replace(secret, "[redacted]")
+        if self.param is not None:
+            self.param = self.param.replace(secret, "[redacted]")
+
     def object(self) -> dict[str, object]:
         return {
             "message": self.message,
