@@ -34,6 +34,7 @@ class ServerConfig:
     drain_timeout_s: float = 30.0  # on SIGTERM: in-flight work may finish this long
     max_json_containers: int = 20_000  # objects + arrays in one body (bastion/bodyguard.py)
     client_write_timeout_s: float = 60.0  # a client that reads nothing this long is cut off
+    max_event_bytes: int = 8 * 1024 * 1024  # one upstream SSE event; past it the stream ends
 
 
 @dataclass(frozen=True)

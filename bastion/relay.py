@@ -1,11 +1,12 @@
 """Upstream relay: send the request to an upstream, pass the answer back unchanged.
 
 JSON answers are read whole (usage is in them). Streams are cut at SSE event
-boundaries and each event goes to the client as soon as it is complete, byte for
-byte; a scanner beside the pipe notes usage, counts deltas for estimates, and
-rewrites only what SPEC §1 allows (the model name, the usage chunk Bastion asked
-for on the client's behalf). An upstream that breaks off ends the client's stream
-with a well-formed error event, never a silent truncation.
+boundaries (``EventFramer``: any line end the SSE spec allows) and each event goes to
+the client as soon as it is complete, byte for byte; a scanner beside the pipe notes
+usage, counts deltas for estimates, and rewrites only what SPEC §1 allows (the model
+name, the usage chunk Bastion asked for on the client's behalf). An upstream that
+breaks off, or sends an event over ``max_event_bytes``, ends the client's stream with
+a well-formed error event, never a silent truncation.
 
 A replica that fails before the client got a byte (refused, broken, 5xx, silent past
 its read timeout, not HTTP) is ejected and the request tried on another; a timeout is
@@ -32,7 +33,7 @@ import orjson
 from aiohttp import web
 from aiohttp.http import StreamWriter
 
-from bastion.config import ModelConfig, UpstreamConfig
+from bastion.config import ModelConfig, ServerConfig, UpstreamConfig
 from bastion.errors import APIError
 from bastion.metering import Usage, usage_from
 from bastion.upstream_http import (
@@ -51,6 +52,9 @@ from bastion.upstreams import Replica, UpstreamPool
 log = logging.getLogger("bastion.relay")
 
 _TYPE = re.compile(rb'"type"\s*:\s*"([^"]+)"')
+_DATA = re.compile(rb"(?:\A|[\r\n])data: ?")  # where the first data line's value starts
+_EMPTY_LINE = re.compile(rb"\n[\r\n]")  # (+ "\r\r"): sre finds it faster than bytes.find
+_OVERFLOW = "upstream sent an SSE event over %d bytes"
 _SEQ = re.compile(rb'"sequence_number"\s*:\s*(\d+)')
 _TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
 _USAGE_NULL = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
@@ -103,9 +107,11 @@ class Relay:
         upstreams: dict[str, UpstreamConfig],
         health_interval_s: float = 5.0,
         client_write_timeout_s: float = 60.0,
+        max_event_bytes: int = ServerConfig.max_event_bytes,
     ) -> None:
         self.upstreams = upstreams
         self.client_write_timeout_s = client_write_timeout_s
+        self.max_event_bytes = max_event_bytes
         self.pool = UpstreamPool(upstreams, health_interval_s)
         self.session: aiohttp.ClientSession | None = None  # health checks and /readyz probes
         self.clients: dict[str, UpstreamClient] = {}  # requests, one keep-alive pool each
@@ -261,22 +267,19 @@ class Relay:
         Writes never wait inside aiohttp (``drain=False``): only when the client's
         transport is over its high-water mark is the drain awaited, under the write timeout."""
         protocol = writer.protocol
-        buffer = b""
+        framer = EventFramer(self.max_event_bytes)
         try:
             while chunk := await upstream.read():
-                buffer += chunk
                 out = []
-                start = 0
-                while (end := buffer.find(b"\n\n", start)) >= 0:
-                    event = scanner.feed(buffer[start : end + 2])
-                    start = end + 2
-                    if event:
-                        out.append(event)
-                buffer = buffer[start:]
+                for event in framer.feed(chunk):
+                    if sent := scanner.feed(event):
+                        out.append(sent)
                 if out:
                     await writer.write(out[0] if len(out) == 1 else b"".join(out), drain=False)
                     if protocol.writing_paused:
                         await self._drain(writer, call)
+                if framer.overflow:  # that answer's fault, not a sign of the replica's health
+                    return framer.overflow
         except Aborted as exc:  # by the gateway: the replica is not at fault
             return str(exc)
         except Disconnected as exc:
@@ -285,6 +288,9 @@ class Relay:
         except UpstreamHTTPError as exc:  # silent past the read timeout, or not HTTP
             self.pool.failed(replica, str(exc))
             return public(exc)
+        rest = framer.rest()
+        if rest and not rest.strip(b"\r\n"):  # the LF of a CR LF that ended the last event
+            await self._write(writer, rest, call)
         return "" if scanner.finished else "upstream closed the stream before it finished"
 
     async def _write(self, writer: StreamWriter, data: bytes, call: Call) -> None:
@@ -316,6 +322,89 @@ def _cut_off(transport: asyncio.Transport, call: Call, after: float) -> None:
     transport.abort()
 
 
+class EventFramer:
+    """Cuts an SSE byte stream into events, each exactly as it was sent.
+
+    The SSE spec ends lines with "\n", "\r\n" or "\r", and an event at an empty line:
+    a line end right after another, i.e. "\n\n", "\n\r" or "\r\r" ("\r\n" is one line
+    end). An event ends after its empty line's line end; if that is a "\r" whose "\n"
+    has not come yet, the "\n" opens the next event's bytes (a leading empty line, which
+    SSE parsers and the scanners skip), so no event waits for a byte it does not need.
+
+    Each byte is searched once: the part of an event held across chunks is kept as a
+    list (joined once, when the event completes) and only its last byte is looked at
+    again, for an empty line split between two chunks. "\r\r" (rare) is searched for
+    once per chunk, not once per event.
+
+    An event over ``limit`` bytes (complete or not) ends the stream: ``overflow`` says
+    so, and the events completed before it are still handed out."""
+
+    __slots__ = ("held", "limit", "overflow", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: list[bytes] = []  # the start of an event that is not complete yet
+        self.size = 0  # bytes held
+        self.overflow = ""  # why the stream must end here, once an event is too large
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The events ``chunk`` completes (up to one over the limit: see ``overflow``)."""
+        if self.held or 13 in chunk:
+            return self._split(chunk, None)
+        found = _EMPTY_LINE.search(chunk)  # without "\r": the first "\n\n"
+        if found and found.end() == len(chunk) <= self.limit:
+            return [chunk]  # vLLM's case: one whole event per chunk
+        return self._split(chunk, found.start() if found else -1)
+
+    def _split(self, chunk: bytes, first: int | None) -> list[bytes]:
+        """``feed``, any case; ``first``: where the first empty line is, if known."""
+        events = []
+        start = 0
+        end = self._straddle(chunk) if self.held else 0
+        rr = chunk.find(b"\r\r") if 13 in chunk else -1
+        while True:
+            if not end:
+                if first is None:
+                    found = _EMPTY_LINE.search(chunk, start)
+                    at = found.start() if found else -1
+                else:
+                    at, first = first, None
+                if 0 <= rr < start:
+                    rr = chunk.find(b"\r\r", start)
+                if 0 <= rr < at or at < 0:
+                    at = rr
+                if at < 0:
+                    break
+                end = at + 3 if chunk[at + 1] == 13 and chunk[at + 2 : at + 3] == b"\n" else at + 2
+            event = chunk[start:end]
+            if self.held:
+                self.held.append(event)
+                event = b"".join(self.held)
+                self.held, self.size = [], 0
+            if len(event) > self.limit:
+                self.overflow = _OVERFLOW % self.limit
+                return events
+            events.append(event)
+            start, end = end, 0
+        if start < len(chunk):
+            self.held.append(chunk[start:] if start else chunk)
+            self.size += len(chunk) - start
+            if self.size > self.limit:
+                self.overflow = _OVERFLOW % self.limit
+        return events
+
+    def rest(self) -> bytes:
+        """What is held: the start of an event the stream never finished."""
+        return b"".join(self.held)
+
+    def _straddle(self, chunk: bytes) -> int:
+        """An empty line split between the held bytes and ``chunk``: where it ends, or 0."""
+        last, first = self.held[-1][-1], chunk[0]
+        if (last == 10 and first in (10, 13)) or (last == first == 13):
+            return 2 if first == 13 and chunk[1:2] == b"\n" else 1
+        return 0
+
+
 class _Retry(Exception):
     """This replica failed before the client saw anything: another may be tried."""
 
@@ -344,7 +433,8 @@ class ResponsesScanner:
             self.call.usage = usage_from(_data(event).get("response"), "responses")
         elif kind == b"error":
             self.finished = self.errored = True
-        self.last = event
+        if kind:  # not a comment or an empty line: the sequence to continue is in it
+            self.last = event
         if self.old_model and self.old_model in event:
             event = event.replace(self.old_model, _model_field(self.call.model.id))
         return event
@@ -366,9 +456,15 @@ class ChatScanner:
         self.old_model = _model_field(call.model.upstream_model) if call.model.renamed else b""
 
     def feed(self, event: bytes) -> bytes | None:
-        if event.startswith(b"data: [DONE]"):
-            self.finished = True
-            return event
+        if event.startswith(b"data: {"):  # the common case: a chunk
+            at = 6
+        else:  # [DONE]; or "data:" without its space, after other lines, or none at all
+            at = _data_at(event)
+            if at < 0:  # a comment (sse-starlette's pings), an empty line: nothing produced
+                return event
+            if event.startswith(b"[DONE]", at):
+                self.finished = True
+                return event
         if b'"usage"' in event:  # a usage report, or OpenAI's "usage": null in every chunk
             obj = _data(event)
             usage = usage_from(obj, "chat")
@@ -381,7 +477,7 @@ class ChatScanner:
             if self.call.strip_usage:
                 for null in _USAGE_NULL:
                     event = event.replace(null, b"")
-        elif event.startswith(b'data: {"error"'):
+        elif event.startswith(b'{"error"', at):
             self.errored = True
         else:
             self.call.deltas += 1
@@ -447,16 +543,28 @@ def _model_field(name: str) -> bytes:
 
 
 def _event_type(event: bytes) -> bytes:
-    """The SSE `event:` name, else the data's leading "type" (vLLM and OpenAI put it first)."""
+    """The SSE `event:` name, else the data's leading "type" (vLLM and OpenAI put it first);
+    b"" for an event without data (a comment, an empty line)."""
     if event.startswith(b"event:"):
-        return event[6 : event.find(b"\n")].strip()
-    found = _TYPE.search(event, 0, 160)
+        name = event[6 : event.find(b"\n", 6)]  # to the "\n" of "\n" or "\r\n", or past "\r"
+        if 13 in name:
+            name = name[: name.find(b"\r")]
+        return name.strip()
+    at = _data_at(event)
+    found = _TYPE.search(event, at, at + 160) if at >= 0 else None
     return found.group(1) if found else b""
 
 
+def _data_at(event: bytes) -> int:
+    """Where the value of the event's first `data:` line starts; -1 if it has none."""
+    found = _DATA.search(event)
+    return found.end() if found else -1
+
+
 def _data(event: bytes) -> dict:
-    """The JSON of an SSE event's data line(s); {} if there is none or it is not JSON."""
-    lines = [ln[5:].lstrip(b" ") for ln in event.split(b"\n") if ln.startswith(b"data:")]
+    """The JSON of an SSE event's data line(s); {} if there is none or it is not JSON.
+    (``bytes.splitlines`` splits at "\r\n", "\r" and "\n": the SSE line ends exactly.)"""
+    lines = [ln[5:].lstrip(b" ") for ln in event.splitlines() if ln.startswith(b"data:")]
     try:
         obj = orjson.loads(b"\n".join(lines))
     except orjson.JSONDecodeError:

@@ -13,6 +13,12 @@ did not: connect refused or timed out), ``Disconnected`` (the connection broke
 before the whole answer came), ``Timeout`` (silence past the read timeout),
 ``ProtocolError`` (not HTTP, or too large). A caller that is cancelled, or stops
 reading a streamed answer, closes the connection: the upstream sees the client leave.
+
+An answer with neither Content-Length nor chunked framing ends at the upstream's
+close (RFC 9112 §6.3); llhttp would need ``llhttp_finish`` for that, which httptools
+does not expose, so the EOF completes it here. A pooled connection is trusted with the
+next request only while it is quiet: a byte arriving on it idle (or past the end of
+its answer) discards it, and each exchange starts on a fresh parser with nothing held.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import httptools
 IDLE_S = 4.0  # idle connections older than this are not reused (uvicorn, under vLLM, closes at 5)
 MAX_BODY = 64 * 1024 * 1024  # a whole answer (``post``) larger than this is refused
 HIGH_WATER = 256 * 1024  # a streamed answer buffered past this pauses reading the socket
+MAX_HEAD = 64 * 1024  # status line and headers larger than this are refused (vLLM's: ~200 B)
 
 
 class UpstreamHTTPError(Exception):
@@ -69,6 +76,7 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        self.busy = False  # an exchange is under way: from ``start`` until the pool takes it back
         self.streaming = False  # this exchange hands out the body as it comes
         self.waiter: asyncio.Future[Reply | int] | None = None  # whole answer, or status
         self.reader: asyncio.Future[None] | None = None  # a streamed read waiting for bytes
@@ -77,6 +85,11 @@ class _Connection(asyncio.Protocol):
         self.size = 0
         self.paused = False
         self.complete = False  # the current answer has fully arrived
+        self.headed = False  # its status line and headers are in
+        self.framed = False  # it has a Content-Length or is chunked (else the close ends it)
+        self.head_size = 0  # bytes of header names and values
+        self.unheaded = 0  # bytes received while the headers were not complete
+        self.status = 0
         self.headers_at = 0.0
         self.last_read = 0.0
         self.idle_since = 0.0
@@ -86,25 +99,59 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # the read-timeout check, if armed
 
     def start(self, streaming: bool) -> asyncio.Future[Reply | int]:
+        """A new exchange, from a clean state: a fresh parser, nothing held, no flag left
+        from the last answer (whose unread rest must never open this one)."""
         loop = asyncio.get_running_loop()
+        self.parser = httptools.HttpResponseParser(self)
+        self.rest()
+        self.busy = True
         self.streaming = streaming
         self.waiter = loop.create_future()
+        self.reader = None
         self.error = None
-        self.complete = self.answered = False
+        self.complete = self.answered = self.keep_alive = self.headed = self.framed = False
+        self.head_size = self.unheaded = self.status = 0
         self.last_read = time.monotonic()
         return self.waiter
+
+    def rest(self) -> None:
+        """Between exchanges: drop what was not read of the last answer, and read the socket
+        again (a paused one would hide stray bytes and the upstream's close)."""
+        self.busy = False
+        self.chunks, self.size = [], 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
 
     # -- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.complete or not self.busy:  # nobody asked for these: they would open the
+            self.discard()  # next answer on this connection
+            return
         self.last_read = time.monotonic()
         self.answered = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self.fail(ProtocolError(f"upstream sent invalid HTTP: {exc}"))
+            if self.complete:  # bytes past the end of the answer, in the same read
+                self.discard()
+            else:
+                ours = exc.__context__  # raised by a callback below
+                why = f"upstream sent invalid HTTP: {exc}"
+                self.fail(ours if isinstance(ours, ProtocolError) else ProtocolError(why))
+            return
+        if not self.headed:  # all that came so far is status line and headers
+            self.unheaded += len(data)
+            if self.unheaded > MAX_HEAD:
+                self.fail(ProtocolError(f"upstream sent over {MAX_HEAD} bytes of headers"))
+
+    def eof_received(self) -> None:
+        """The upstream closed its end: that is how an answer without framing ends."""
+        if self.busy and self.headed and not self.framed and not self.complete:
+            self._finish(keep_alive=False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -113,10 +160,25 @@ class _Connection(asyncio.Protocol):
             self.fail(Disconnected(f"upstream closed the connection{why}"))
 
     # -- httptools callbacks
+    def on_message_begin(self) -> None:
+        if self.complete:  # a second answer to one request: stop llhttp (``data_received``)
+            raise ProtocolError("upstream sent more than one answer")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_size += len(name) + len(value)
+        if len(name) == 14 and name.lower() == b"content-length":
+            self.framed = True
+        elif len(name) == 17 and name.lower() == b"transfer-encoding":
+            self.framed = value.rstrip().lower().endswith(b"chunked")
+
     def on_headers_complete(self) -> None:
+        if self.head_size > MAX_HEAD:  # in one read (else ``data_received`` saw it)
+            raise ProtocolError(f"upstream sent over {MAX_HEAD} bytes of headers")
         self.headers_at = time.perf_counter()
+        self.headed = True
+        self.status = self.parser.get_status_code()
         if self.streaming:
-            self._resolve(self.parser.get_status_code())
+            self._resolve(self.status)
 
     def on_body(self, body: bytes) -> None:
         self.size += len(body)
@@ -131,15 +193,18 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        self.keep_alive = self.parser.should_keep_alive()  # valid only inside this callback
+        self._finish(self.parser.should_keep_alive())  # valid only inside this callback
+
+    # -- ours
+    def _finish(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
         self.complete = True
         if self.streaming:
             self._wake()
         else:
             body = self.take()
-            self._resolve(Reply(self.parser.get_status_code(), body, self.headers_at))
+            self._resolve(Reply(self.status, body, self.headers_at))
 
-    # -- ours
     def take(self) -> bytes:
         body = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
         self.chunks, self.size = [], 0
@@ -165,6 +230,11 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_exception(error)
         self._wake()  # a waiting reader finds self.error
+        self.close()
+
+    def discard(self) -> None:
+        """Not to be reused; the answer already in stays good."""
+        self.keep_alive = False
         self.close()
 
     def close(self) -> None:
@@ -266,6 +336,7 @@ class UpstreamClient:
     def done(self, conn: _Connection) -> None:
         """Back to the pool if the answer is whole and the upstream keeps the connection."""
         if conn.complete and conn.keep_alive and not conn.closed:
+            conn.rest()
             conn.idle_since = time.monotonic()
             self.idle.append(conn)
         else:

@@ -10,16 +10,21 @@ are not used again.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import pairwise
+from types import SimpleNamespace
 
 import httpx
 import orjson
 import pytest
 from aiohttp import web
 from conftest import Gateway, free_port, start, stop
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bastion.config import ModelConfig, UpstreamConfig
 from bastion.errors import APIError
@@ -40,6 +45,8 @@ STREAM = (
     b'event: response.completed\ndata: {"type":"response.completed","sequence_number":2,'
     b'"response":{"usage":{"input_tokens":7,"output_tokens":1,"total_tokens":8}}}\n\n'
 )
+
+CRLF_STREAM = STREAM.replace(b"\n", b"\r\n")
 
 
 @dataclass
@@ -72,6 +79,12 @@ class RecordingUpstream:
         if body.get("stream"):
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await response.prepare(request)
+            if body["model"] == "crlf":  # sse-starlette: lines end "\r\n", events "\r\n\r\n"
+                first, rest = CRLF_STREAM.split(b"\r\n\r\n", 1)
+                await response.write(first + b"\r\n\r\n")
+                await asyncio.sleep(1.0)  # the model thinks: the first event must not wait
+                await response.write(rest)
+                return response
             await response.write(STREAM)
             return response
         return web.json_response(RESPONSE)
@@ -123,6 +136,14 @@ api_key = "upstream-secret"
 
 [[models]]
 id = "rec"
+endpoints = ["responses"]
+upstreams = ["rec"]
+input_price = "1.00"
+output_price = "2.00"
+max_output_tokens = 64
+
+[[models]]
+id = "crlf"
 endpoints = ["responses"]
 upstreams = ["rec"]
 input_price = "1.00"
@@ -269,3 +290,218 @@ async def test_a_fleet_that_hangs_costs_two_read_timeouts_not_one_per_replica(st
     finally:
         await relay.close()
         server.close()
+
+
+def test_a_crlf_stream_reaches_the_client_event_by_event_and_is_metered(relay_gateway):
+    """sse-starlette separates events with "\r\n\r\n": each must go out as it completes."""
+    gw, _ = relay_gateway
+    key, account = gw.new_key()
+    sent = time.monotonic()
+    arrived: list[tuple[float, bytes]] = []
+    with httpx.stream(
+        "POST",
+        gw.url + "/responses",
+        content=b'{"model":"crlf","input":"x","stream":true}',
+        headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+        timeout=10,
+    ) as resp:
+        assert resp.status_code == 200
+        for piece in resp.iter_raw():
+            arrived.append((time.monotonic() - sent, piece))
+    assert b"".join(p for _, p in arrived) == CRLF_STREAM  # byte for byte
+    assert arrived[0][1] == CRLF_STREAM.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    assert arrived[0][0] < 0.8  # before the upstream's pause of 1 s was over
+    [row] = gw.settled(account, 1)
+    assert (row.input_tokens, row.output_tokens, row.status) == (7, 1, "200")
+    assert row.cost == 7 * 1_000 + 1 * 2_000 and not row.estimated
+
+
+# ---- SSE framing in Relay._pipe: any separator the spec allows, each event at once --------
+
+CHAT_STREAM = (
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":'
+    b'{"role":"assistant","content":""}}]}\n\n'
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[{"index":0,"delta":'
+    b'{"content":"ok"}}]}\n\n'
+    b'data: {"id":"c","object":"chat.completion.chunk","choices":[],'
+    b'"usage":{"prompt_tokens":7,"completion_tokens":1,"total_tokens":8}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+class ScriptedAnswer:
+    """An upstream body handed out in the given chunks; counts the reads."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self.chunks = chunks
+        self.reads = 0
+
+    async def read(self) -> bytes:
+        if self.reads == len(self.chunks):
+            return b""
+        self.reads += 1
+        return self.chunks[self.reads - 1]
+
+
+class RecordingWriter:
+    """What ``_pipe`` uses of aiohttp's StreamWriter; notes how many reads preceded a write."""
+
+    def __init__(self, answer: ScriptedAnswer) -> None:
+        self.answer = answer
+        self.writes: list[tuple[int, bytes]] = []
+        self.protocol = SimpleNamespace(writing_paused=False)
+
+    async def write(self, data: bytes, drain: bool = True) -> None:
+        self.writes.append((self.answer.reads, bytes(data)))
+
+
+def pipe(
+    chunks: list[bytes], endpoint: str = "responses", strip_usage: bool = False, **relay_kw: int
+) -> tuple[str, RecordingWriter, Call, ScriptedAnswer]:
+    """Run ``Relay._pipe`` over ``chunks``: (failure, writer, call, answer)."""
+    from bastion.relay import ChatScanner, ResponsesScanner
+
+    model = ModelConfig("m", "m", frozenset({endpoint}), ("u",), 1, 1, 64)
+    relay = Relay({"u": UpstreamConfig("u", "http://127.0.0.1:9/v1")}, **relay_kw)
+    call = Call("req_1", endpoint, model, b"{}", True, False, strip_usage)
+    scanner = ResponsesScanner(call) if endpoint == "responses" else ChatScanner(call)
+    answer = ScriptedAnswer(chunks)
+    writer = RecordingWriter(answer)
+    replica = relay.pool.replicas["u"]
+    failure = asyncio.run(relay._pipe(answer, writer, scanner, call, replica))  # type: ignore[arg-type]
+    return failure, writer, call, answer
+
+
+_LINE = re.compile(rb"([^\r\n]*)(\r\n|\r|\n)")
+
+
+def dispatch_points(stream: bytes) -> list[int]:
+    """Where each event of ``stream`` is complete: just past the first byte of the line end
+    that ends its blank line (a CR completes a line; an LF after it adds nothing)."""
+    points, content = [], False
+    for line in _LINE.finditer(stream):
+        if line.group(1):
+            content = True
+        elif content:
+            points.append(line.start(2) + 1)
+            content = False
+    return points
+
+
+def with_line_ends(stream: bytes, ends: list[bytes]) -> bytes:
+    """``stream`` with its i-th "\n" replaced by ``ends[i % len(ends)]`` (but never an "\n"
+    right after a "\r": the two would make one line end, and an empty line would vanish)."""
+    out, last = [], b""
+    for i, part in enumerate(stream.split(b"\n")):
+        if i:
+            end = ends[(i - 1) % len(ends)]
+            last = b"\r\n" if last == b"\r" and not out[-1] and end == b"\n" else end
+            out.append(last)
+        out.append(part)
+    return b"".join(out)
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted({c % (len(data) + 1) for c in cuts}), len(data)]
+    return [data[a:b] for a, b in pairwise(bounds) if b > a]
+
+
+def assert_relayed_at_once(stream: bytes, chunks: list[bytes], writer: RecordingWriter) -> None:
+    """Every event complete after the k-th read was written before the (k+1)-th read."""
+    points = dispatch_points(stream)
+    received = written = 0
+    for k, chunk in enumerate(chunks, 1):
+        received += len(chunk)
+        written += sum(len(data) for reads, data in writer.writes if reads == k)
+        due = max((p for p in points if p <= received), default=0)
+        assert written >= due, (k, written, due)
+
+
+LINE_ENDS = st.lists(st.sampled_from([b"\n", b"\r\n", b"\r"]), min_size=1, max_size=6)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(ends=LINE_ENDS, cuts=st.lists(st.integers(0, 10_000), max_size=40))
+def test_responses_events_are_relayed_byte_for_byte_whatever_the_line_ends_and_chunks(ends, cuts):
+    stream = with_line_ends(STREAM, ends)
+    chunks = split_at(stream, cuts)
+    failure, writer, call, _ = pipe(chunks)
+    assert failure == ""
+    assert b"".join(data for _, data in writer.writes) == stream
+    assert_relayed_at_once(stream, chunks, writer)
+    assert call.usage is not None and (call.usage.input_tokens, call.usage.output_tokens) == (7, 1)
+    assert call.deltas == 1
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(ends=LINE_ENDS, cuts=st.lists(st.integers(0, 10_000), max_size=40))
+def test_chat_events_are_relayed_byte_for_byte_whatever_the_line_ends_and_chunks(ends, cuts):
+    stream = with_line_ends(CHAT_STREAM, ends)
+    chunks = split_at(stream, cuts)
+    failure, writer, call, _ = pipe(chunks, "chat")
+    assert failure == ""
+    assert b"".join(data for _, data in writer.writes) == stream
+    assert_relayed_at_once(stream, chunks, writer)
+    assert call.usage is not None and (call.usage.input_tokens, call.usage.output_tokens) == (7, 1)
+    assert call.deltas == 2
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+def test_chat_usage_bastion_asked_for_is_dropped_whatever_the_line_ends(eol):
+    stream = with_line_ends(CHAT_STREAM, [eol])
+    failure, writer, call, _ = pipe([stream], "chat", strip_usage=True)
+    events = stream.split(eol * 2)
+    assert failure == "" and call.usage is not None and call.usage.output_tokens == 1
+    assert b"".join(data for _, data in writer.writes) == eol.join(
+        [events[0] + eol, events[1] + eol, events[3] + eol, b""]
+    )
+
+
+def test_sse_starlette_pings_and_comments_are_relayed_but_not_counted():
+    """sse-starlette sends ": ping - <time>" comments; "data:" may have no space."""
+    ping = b": ping - 2026-01-01 00:00:00.000000+00:00\r\n\r\n"
+    stream = ping + with_line_ends(CHAT_STREAM, [b"\r\n"]).replace(b"data: [DONE]", b"data:[DONE]")
+    stream = stream.replace(b"\r\n\r\ndata", b"\r\n\r\n" + ping + b"data", 1)
+    failure, writer, call, _ = pipe([stream], "chat")
+    assert failure == "" and b"".join(data for _, data in writer.writes) == stream
+    assert call.deltas == 2  # the two content chunks: not the pings, not [DONE]
+    failure, _, call, _ = pipe([ping + with_line_ends(STREAM, [b"\r\n"]) + ping])
+    assert failure == "" and call.deltas == 1
+
+
+def test_an_event_over_max_event_bytes_ends_the_stream_and_what_came_is_kept():
+    first, rest = STREAM.split(b"\n\n", 1)
+    delta = rest.split(b"\n\n", 1)[0] + b"\n\n"
+    huge = b"data: " + b"x" * 5000 + b"\n\n"
+    failure, writer, call, _ = pipe([first + b"\n\n", delta, huge, rest], max_event_bytes=4096)
+    assert failure == "upstream sent an SSE event over 4096 bytes"
+    assert b"".join(data for _, data in writer.writes) == first + b"\n\n" + delta
+    assert call.deltas == 1 and call.usage is None  # settled from what was streamed
+
+
+def test_an_endless_event_is_cut_off_once_it_passes_max_event_bytes():
+    """An upstream that never ends an event is not buffered without end."""
+    failure, writer, _, answer = pipe([b"data: " + b"x" * 1000] * 10_000, max_event_bytes=4096)
+    assert failure == "upstream sent an SSE event over 4096 bytes"
+    assert answer.reads <= 6 and not writer.writes
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"], ids=["lf", "crlf"])
+def test_a_large_event_in_small_chunks_is_scanned_once(eol):
+    """Framing is linear: the held part of an event is neither copied nor searched again
+    on every chunk (8 MiB in 1 KiB chunks took seconds when it was)."""
+    big = b"data: " + b"x" * (8 * 1024 * 1024 - 100) + eol + eol
+    chunks = [big[i : i + 1024] for i in range(0, len(big), 1024)]
+    started = time.perf_counter()
+    failure, writer, _, _ = pipe([*chunks, b"data: [DONE]" + eol + eol], "chat")
+    elapsed = time.perf_counter() - started
+    assert failure == "" and writer.writes[0][1] == big
+    assert elapsed < 0.5, elapsed
+
+
+def test_events_completed_in_the_chunk_that_overflows_still_reach_the_client():
+    first = STREAM.split(b"\n\n", 1)[0]
+    huge = b"data: " + b"x" * 5000
+    failure, writer, _, _ = pipe([first + b"\n\n" + huge], max_event_bytes=4096)
+    assert failure == "upstream sent an SSE event over 4096 bytes"
+    assert b"".join(data for _, data in writer.writes) == first + b"\n\n"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -358,3 +360,183 @@ async def test_a_slow_reader_pauses_the_upstream_without_timing_it_out(monkeypat
         while piece := await answer.read():
             rest += piece
         assert len(first) + len(rest) == size
+
+
+# ---- bodies that end at the close; connections reused only from a clean state ------------
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/json\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n",
+    ],
+    ids=["http/1.1 close", "http/1.0"],
+)
+async def test_a_body_delimited_by_the_close_is_a_whole_answer(head):
+    """No Content-Length, not chunked: the body is what comes before the close (RFC 9112 §6.3)."""
+
+    async def until_close(reader, writer, n) -> bool:
+        writer.write(head + b'{"ok":')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"true}")
+        await writer.drain()
+        return False  # the close ends the body
+
+    async with serve(until_close) as server:
+        c = client(server.port)
+        for _ in range(2):
+            reply = await asyncio.wait_for(c.post("/responses", b"{}", {}), 3)
+            assert (reply.status, reply.body) == (200, b'{"ok":true}')
+        assert server.connections == 2 and not c.idle  # never reused: it is closed
+
+
+async def test_a_stream_delimited_by_the_close_ends_cleanly():
+    async def until_close(reader, writer, n) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close"
+                     b"\r\n\r\n")  # fmt: skip
+        for i in range(3):
+            writer.write(b"data: %d\r\n\r\n" % i)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+        return False
+
+    async with serve(until_close) as server:
+        c = client(server.port)
+        answer = await c.open("/responses", b"{}", {})
+        pieces = []
+        while piece := await asyncio.wait_for(answer.read(), 3):
+            pieces.append(piece)
+        assert b"".join(pieces) == b"data: 0\r\n\r\ndata: 1\r\n\r\ndata: 2\r\n\r\n"
+        assert not c.idle
+
+
+async def test_a_close_delimited_answer_cut_by_a_reset_is_disconnected():
+    """Only a clean close ends such a body; a reset may have cut it short."""
+
+    async def reset(reader, writer, n) -> bool:
+        writer.write(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"partial')
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        linger = struct.pack("ii", 1, 0)  # close with a reset, not a FIN
+        writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        writer.transport.abort()
+        return False
+
+    async with serve(reset) as server:
+        with pytest.raises(Disconnected):
+            await asyncio.wait_for(client(server.port).post("/responses", b"{}", {}), 3)
+
+
+@pytest.mark.parametrize(
+    "unsolicited",
+    [
+        b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"stale":',  # a part of an answer
+        b'HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{"stale"}',  # a whole one
+        b"\r\n",
+    ],
+    ids=["partial", "whole", "crlf"],
+)
+async def test_bytes_on_an_idle_connection_discard_it(unsolicited):
+    """Whatever an idle connection receives, nobody asked for: its next answer could
+    start with it. The next request goes on a fresh connection and gets its own answer."""
+
+    async def then_stray_bytes(reader, writer, n) -> bool:
+        writer.write(OK)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(unsolicited)  # after the answer, before any other request
+        await writer.drain()
+        return True
+
+    async with serve(then_stray_bytes) as server:
+        c = client(server.port)
+        assert (await c.post("/responses", b"{}", {})).body == b'{"ok":true}'
+        await asyncio.sleep(0.15)
+        assert all(conn.closed for conn in c.idle)  # discarded as the bytes came
+        reply = await asyncio.wait_for(c.post("/responses", b"{}", {}), 3)
+        assert (reply.status, reply.body) == (200, b'{"ok":true}')
+        assert server.connections == 2
+
+
+async def test_bytes_after_the_answer_in_the_same_read_discard_the_connection():
+    """A body longer than its Content-Length: the rest is not the next answer."""
+
+    async def too_long(reader, writer, n) -> bool:
+        writer.write(OK + b'HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{"stale"}')
+        await writer.drain()
+        return True
+
+    async with serve(too_long) as server:
+        c = client(server.port)
+        for _ in range(2):
+            reply = await asyncio.wait_for(c.post("/responses", b"{}", {}), 3)
+            assert reply.body == b'{"ok":true}'
+        assert server.connections == 2
+
+
+async def test_a_reused_connection_starts_clean_after_a_stream_left_unread():
+    """A streamed answer that arrived whole but was not read to its end (e.g. an error
+    body read only in part): none of it may reach the next answer on that connection."""
+
+    async def two_parts(reader, writer, n) -> bool:
+        if n == 1:
+            writer.write(sse_head(b"Content-Length: 10\r\n") + b"first-")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"tail")
+        else:
+            writer.write(sse_head(b"Content-Length: 6\r\n") + b"second")
+        await writer.drain()
+        return True
+
+    async with serve(two_parts) as server:
+        c = client(server.port)
+        first = await c.open("/responses", b"{}", {})
+        assert await first.read() == b"first-"
+        await asyncio.sleep(0.15)  # the tail comes: the answer is whole, but unread
+        first.release()
+        second = await c.open("/responses", b"{}", {})
+        body = b""
+        while piece := await asyncio.wait_for(second.read(), 3):
+            body += piece
+        assert body == b"second"
+
+
+async def test_a_reused_connection_is_read_again_after_an_answer_that_paused_it(monkeypatch):
+    """An answer that filled the buffer (reading paused) and was released unread must not
+    leave the socket paused: the next answer on the connection would never be read."""
+    monkeypatch.setattr(upstream_http, "HIGH_WATER", 16)
+
+    async def big_then_small(reader, writer, n) -> bool:
+        body = b"x" * 100 if n == 1 else b"ok"
+        writer.write(sse_head(b"Content-Length: %d\r\n" % len(body)) + body)
+        await writer.drain()
+        return True
+
+    async with serve(big_then_small) as server:
+        c = client(server.port, read_timeout_s=0.5)
+        first = await c.open("/responses", b"{}", {})
+        await asyncio.sleep(0.1)  # all 100 bytes arrive in one read: paused, and whole
+        first.release()
+        second = await asyncio.wait_for(c.open("/responses", b"{}", {}), 3)
+        assert await asyncio.wait_for(second.read(), 3) == b"ok"
+
+
+@pytest.mark.parametrize("pieces", [1, 40], ids=["one read", "many reads"])
+async def test_headers_over_max_head_are_refused_however_they_arrive(pieces):
+    pad = b"X-Pad: " + b"p" * (upstream_http.MAX_HEAD + 1000) + b"\r\n"
+    answer = b"HTTP/1.1 200 OK\r\n" + pad + b"Content-Length: 2\r\n\r\n{}"
+
+    async def padded(reader, writer, n) -> bool:
+        size = -(-len(answer) // pieces)
+        for i in range(0, len(answer), size):
+            writer.write(answer[i : i + size])
+            await writer.drain()
+            await asyncio.sleep(0.001 if pieces > 1 else 0)
+        return True
+
+    async with serve(padded) as server:
+        with pytest.raises(ProtocolError, match="bytes of headers"):
+            await client(server.port).post("/responses", b"{}", {})
