@@ -24,7 +24,7 @@ test: $(STAMP)  ## the whole suite (lint, Python tests, JavaScript examples)
 	$(BIN)/pytest
 
 fuzz: $(STAMP)  ## property-based fuzzing of client input, 5,000 fresh examples per endpoint
-	BASTION_FUZZ_EXAMPLES=$${BASTION_FUZZ_EXAMPLES:-5000} $(BIN)/pytest tests/test_fuzz_requests.py -x -q
+	BASTION_FUZZ_EXAMPLES=$${BASTION_FUZZ_EXAMPLES:-5000} $(BIN)/pytest tests/test_fuzz_requests.py tests/test_fuzz_upstream.py -x -q
 
 fuzz-money: $(STAMP)  ## randomized money test (tests/test_money_fuzz.py), 600 s on a random seed
 	@seed=$${BASTION_FUZZ_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
