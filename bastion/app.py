@@ -61,6 +61,7 @@ class Gateway:
             config.upstreams,
             config.health_check_interval_s,
             client_write_timeout_s=config.server.client_write_timeout_s,
+            max_event_bytes=config.server.max_event_bytes,
         )
         self.guard = BodyGuard(config.server.max_json_containers)
         self.metrics = Metrics(self.relay.pool, self.limiter)

@@ -350,48 +350,61 @@ class EventFramer:
     def feed(self, chunk: bytes) -> list[bytes]:
         """The events ``chunk`` completes (up to one over the limit: see ``overflow``)."""
         if self.held or 13 in chunk:
-            return self._split(chunk, None)
+            return self._split(chunk, 0)
         found = _EMPTY_LINE.search(chunk)  # without "\r": the first "\n\n"
         if found and found.end() == len(chunk) <= self.limit:
             return [chunk]  # vLLM's case: one whole event per chunk
-        return self._split(chunk, found.start() if found else -1)
+        return self._split(chunk, found.start() if found else len(chunk))
 
-    def _split(self, chunk: bytes, first: int | None) -> list[bytes]:
-        """``feed``, any case; ``first``: where the first empty line is, if known."""
-        events = []
-        start = 0
-        end = self._straddle(chunk) if self.held else 0
-        rr = chunk.find(b"\r\r") if 13 in chunk else -1
-        while True:
-            if not end:
-                if first is None:
-                    found = _EMPTY_LINE.search(chunk, start)
-                    at = found.start() if found else -1
-                else:
-                    at, first = first, None
-                if 0 <= rr < start:
-                    rr = chunk.find(b"\r\r", start)
-                if 0 <= rr < at or at < 0:
-                    at = rr
-                if at < 0:
-                    break
-                end = at + 3 if chunk[at + 1] == 13 and chunk[at + 2 : at + 3] == b"\n" else at + 2
+    def _split(self, chunk: bytes, searched: int) -> list[bytes]:
+        """``feed``, any case; ``chunk[:searched]`` holds no empty line (it was searched)."""
+        events: list[bytes] = []
+        start = self._straddle(chunk) if self.held else 0
+        if start:
+            events.append(b"".join([*self.held, chunk[:start]]))
+            self.held, self.size = [], 0
+            if len(events[0]) > self.limit:
+                self.overflow = _OVERFLOW % self.limit
+                return []
+        searched = max(start, searched)
+        if 13 in chunk:
+            ends = self._ends(chunk, searched)
+        else:  # only "\n\n" can end an event: let sre walk them
+            ends = [found.end() for found in _EMPTY_LINE.finditer(chunk, searched)]
+        for end in ends:
             event = chunk[start:end]
             if self.held:
-                self.held.append(event)
-                event = b"".join(self.held)
+                event = b"".join([*self.held, event])
                 self.held, self.size = [], 0
             if len(event) > self.limit:
                 self.overflow = _OVERFLOW % self.limit
                 return events
             events.append(event)
-            start, end = end, 0
+            start = end
         if start < len(chunk):
             self.held.append(chunk[start:] if start else chunk)
             self.size += len(chunk) - start
             if self.size > self.limit:
                 self.overflow = _OVERFLOW % self.limit
         return events
+
+    @staticmethod
+    def _ends(chunk: bytes, start: int) -> list[int]:
+        """Where each event ending in ``chunk[start:]`` ends, any line ends ("\r\r", rare,
+        is searched for once per chunk, not once per event)."""
+        ends = []
+        rr = chunk.find(b"\r\r", start)
+        while True:
+            found = _EMPTY_LINE.search(chunk, start)
+            at = found.start() if found else -1
+            if 0 <= rr < start:
+                rr = chunk.find(b"\r\r", start)
+            if 0 <= rr < at or at < 0:
+                at = rr
+            if at < 0:
+                return ends
+            start = at + 3 if chunk[at + 1] == 13 and chunk[at + 2 : at + 3] == b"\n" else at + 2
+            ends.append(start)
 
     def rest(self) -> bytes:
         """What is held: the start of an event the stream never finished."""
@@ -546,7 +559,7 @@ def _event_type(event: bytes) -> bytes:
     """The SSE `event:` name, else the data's leading "type" (vLLM and OpenAI put it first);
     b"" for an event without data (a comment, an empty line)."""
     if event.startswith(b"event:"):
-        name = event[6 : event.find(b"\n", 6)]  # to the "\n" of "\n" or "\r\n", or past "\r"
+        name = event[6 : event.find(b"\n")]  # to the "\n" of "\n" or "\r\n", or past "\r"
         if 13 in name:
             name = name[: name.find(b"\r")]
         return name.strip()

@@ -24,6 +24,7 @@ its answer) discards it, and each exchange starts on a fresh parser with nothing
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ IDLE_S = 4.0  # idle connections older than this are not reused (uvicorn, under 
 MAX_BODY = 64 * 1024 * 1024  # a whole answer (``post``) larger than this is refused
 HIGH_WATER = 256 * 1024  # a streamed answer buffered past this pauses reading the socket
 MAX_HEAD = 64 * 1024  # status line and headers larger than this are refused (vLLM's: ~200 B)
+_FRAMED = re.compile(rb"(?im)^(?:content-length:|transfer-encoding:[^\r\n]*chunked[ \t]*\r?$)")
 
 
 class UpstreamHTTPError(Exception):
@@ -87,8 +89,8 @@ class _Connection(asyncio.Protocol):
         self.complete = False  # the current answer has fully arrived
         self.headed = False  # its status line and headers are in
         self.framed = False  # it has a Content-Length or is chunked (else the close ends it)
-        self.head_size = 0  # bytes of header names and values
-        self.unheaded = 0  # bytes received while the headers were not complete
+        self.head: list[bytes] = []  # the reads that brought the status line and headers
+        self.unheaded = 0  # their size
         self.status = 0
         self.headers_at = 0.0
         self.last_read = 0.0
@@ -99,18 +101,17 @@ class _Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None  # the read-timeout check, if armed
 
     def start(self, streaming: bool) -> asyncio.Future[Reply | int]:
-        """A new exchange, from a clean state: a fresh parser, nothing held, no flag left
-        from the last answer (whose unread rest must never open this one)."""
+        """A new exchange, from a clean state: a fresh parser, no flag left from the last
+        answer (whose unread rest ``rest`` dropped: it must never open this one)."""
         loop = asyncio.get_running_loop()
         self.parser = httptools.HttpResponseParser(self)
-        self.rest()
         self.busy = True
         self.streaming = streaming
         self.waiter = loop.create_future()
         self.reader = None
         self.error = None
         self.complete = self.answered = self.keep_alive = self.headed = self.framed = False
-        self.head_size = self.unheaded = self.status = 0
+        self.head, self.unheaded, self.status = [], 0, 0
         self.last_read = time.monotonic()
         return self.waiter
 
@@ -133,6 +134,9 @@ class _Connection(asyncio.Protocol):
             return
         self.last_read = time.monotonic()
         self.answered = True
+        if not self.headed:
+            self.head.append(data)
+            self.unheaded += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -143,10 +147,8 @@ class _Connection(asyncio.Protocol):
                 why = f"upstream sent invalid HTTP: {exc}"
                 self.fail(ours if isinstance(ours, ProtocolError) else ProtocolError(why))
             return
-        if not self.headed:  # all that came so far is status line and headers
-            self.unheaded += len(data)
-            if self.unheaded > MAX_HEAD:
-                self.fail(ProtocolError(f"upstream sent over {MAX_HEAD} bytes of headers"))
+        if not self.headed and self.unheaded > MAX_HEAD:  # and it is all status and headers
+            self.fail(ProtocolError(f"upstream sent over {MAX_HEAD} bytes of headers"))
 
     def eof_received(self) -> None:
         """The upstream closed its end: that is how an answer without framing ends."""
@@ -164,16 +166,19 @@ class _Connection(asyncio.Protocol):
         if self.complete:  # a second answer to one request: stop llhttp (``data_received``)
             raise ProtocolError("upstream sent more than one answer")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_size += len(name) + len(value)
-        if len(name) == 14 and name.lower() == b"content-length":
-            self.framed = True
-        elif len(name) == 17 and name.lower() == b"transfer-encoding":
-            self.framed = value.rstrip().lower().endswith(b"chunked")
-
     def on_headers_complete(self) -> None:
-        if self.head_size > MAX_HEAD:  # in one read (else ``data_received`` saw it)
-            raise ProtocolError(f"upstream sent over {MAX_HEAD} bytes of headers")
+        # Only llhttp knows the framing, and tells only whether the connection may be kept
+        # (never if the close ends the body). Not kept, or large: read the headers here
+        # (an ``on_header`` callback would cost every answer a call per header).
+        if self.unheaded > MAX_HEAD or not self.parser.should_keep_alive():
+            head = b"".join(self.head)
+            size = head.find(b"\r\n\r\n") + 4
+            if size > MAX_HEAD:
+                raise ProtocolError(f"upstream sent over {MAX_HEAD} bytes of headers")
+            self.framed = _FRAMED.search(head, 0, size) is not None
+        else:
+            self.framed = True
+        self.head = []
         self.headers_at = time.perf_counter()
         self.headed = True
         self.status = self.parser.get_status_code()
