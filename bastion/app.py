@@ -24,7 +24,7 @@ from bastion.config import Config, ModelConfig
 from bastion.credit import CreditBook, Reservation
 from bastion.errors import APIError
 from bastion.ledger import LedgerWriter
-from bastion.metering import Usage, estimate_input, input_bound, plausible
+from bastion.metering import NUMBER_TOKENS, Usage, estimate_input, input_bound, plausible
 from bastion.metrics import Metrics
 from bastion.money import cost_nanos, format_usd
 from bastion.ratelimit import Decision, open_limiter
@@ -37,6 +37,7 @@ log = logging.getLogger("bastion")
 GC_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 DRAIN_GRACE_S = 2.0  # after the drain deadline: time for ended streams to settle
 _ENDPOINT_PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions"}
+_ENDPOINT_ORDER = ("responses", "chat")
 
 
 class Gateway:
@@ -139,7 +140,9 @@ class Gateway:
             bound = input_bound(req.body, req.items, self.config.metering, model.image_tokens)
             worst_tokens = bound + cap * req.n
             rpm, tpm = self.limits(key)
-            decision = await self.admit(key, rpm, tpm, worst_tokens, cap)
+            if tpm and worst_tokens > tpm:
+                raise _over_tpm(worst_tokens, tpm, bound, cap, req, endpoint)
+            decision = await self.admit(key, rpm, tpm, worst_tokens)
             headers.update(decision.headers)
             limited = True
             worst_cost = cost_nanos(bound, cap * req.n, model.input_price, model.output_price)
@@ -261,16 +264,7 @@ class Gateway:
         tpm = defaults.default_tpm if key.tpm is None else key.tpm
         return rpm, tpm
 
-    async def admit(self, key: ApiKey, rpm: int, tpm: int, tokens: int, cap: int) -> Decision:
-        if tpm and tokens > tpm:
-            raise APIError(
-                429,
-                "rate_limit_exceeded",
-                f"Request too large: its worst case is {tokens} tokens (input bound + output "
-                f"cap {cap}), over this key's limit of {tpm} tokens per minute. "
-                "Lower the output cap or shorten the input.",
-                headers={"x-should-retry": "false"},
-            )
+    async def admit(self, key: ApiKey, rpm: int, tpm: int, tokens: int) -> Decision:
         decision = await self.limiter.admit(key.id, rpm, tpm, tokens)
         if not decision.allowed:
             wait = max(decision.retry_after_s, 0.001)
@@ -479,7 +473,13 @@ class Gateway:
         except APIError as exc:
             return _error(exc, request_id)
         data = [
-            {"id": m.id, "object": "model", "created": self.created, "owned_by": "bastion"}
+            {
+                "id": m.id,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "bastion",
+                "endpoints": [_ENDPOINT_PATHS[e] for e in _ENDPOINT_ORDER if e in m.endpoints],
+            }
             for m in self.config.models.values()
         ]
         return _json({"object": "list", "data": data}, request_id)
@@ -546,6 +546,39 @@ _DRAINING = APIError(
     "This gateway is shutting down; retry (another replica will answer).",
     type="server_error",
 )
+
+
+def _over_tpm(
+    tokens: int, tpm: int, bound: int, cap: int, req: ClientRequest, endpoint: str
+) -> APIError:
+    """A worst case over the whole TPM can never be admitted: say which cap would fit.
+
+    Without a cap the worst case uses the model's maximum output, which a small TPM
+    cannot hold; the largest cap that fits is exact (input bound + cap × n ≤ TPM)."""
+    if req.cap is not None:
+        field = req.cap_field
+    else:
+        field = "max_output_tokens" if endpoint == "responses" else "max_completion_tokens"
+    why = (
+        f"input bound {bound:,} + output cap {cap:,}"
+        + (f" × n={req.n}" if req.n > 1 else "")
+        + ("" if req.cap is not None else ", the model's maximum, as no cap was sent")
+    )
+    # a cap the client adds is one more number in the body: the bound grows by its allowance
+    fits = (tpm - bound - (NUMBER_TOKENS if req.cap is None else 0)) // req.n
+    if fits >= 1:
+        advice, param = f"Send '{field}' of at most {fits:,}.", field
+    else:
+        advice = "The input alone is over the limit: shorten it."
+        param = "input" if endpoint == "responses" else "messages"
+    return APIError(
+        429,
+        "rate_limit_exceeded",
+        f"Request too large: its worst case is {tokens:,} tokens ({why}), over this key's "
+        f"limit of {tpm:,} tokens per minute. {advice}",
+        param,
+        headers={"x-should-retry": "false"},
+    )
 
 
 def _too_large(limit: int) -> APIError:

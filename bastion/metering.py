@@ -29,6 +29,8 @@ _MEDIA_TYPES = frozenset(
 # beyond it the admitted worst case is charged instead.
 INPUT_SLACK = 2
 
+NUMBER_TOKENS = 8  # a number anywhere in the body may be rendered into the prompt
+
 
 def input_bound(body: dict, items: int, cfg: MeteringConfig, media_tokens: int = 0) -> int:
     """Upper bound of input tokens: text bytes + allowances (iterative: any nesting depth).
@@ -52,7 +54,7 @@ def input_bound(body: dict, items: int, cfg: MeteringConfig, media_tokens: int =
         elif isinstance(node, list):
             stack.extend(node)
         elif node is not None and not isinstance(node, bool):
-            total += 8  # a number rendered into a template (e.g. in a tool schema)
+            total += NUMBER_TOKENS  # rendered into a template (e.g. in a tool schema)
     return total
 
 

@@ -76,7 +76,20 @@ def parse(raw: bytes, endpoint: str) -> ClientRequest:
     return ClientRequest(raw, body, model, stream, store is True, items, cap, cap_field, n, caps)
 
 
+# Fields that point at state an upstream would have stored: Bastion stores none, and
+# dropping them would lose the conversation's context without a word.
+_STORED_CONTEXT = ("previous_response_id", "conversation")
+
+
 def _responses_input(body: dict) -> int:
+    for field in _STORED_CONTEXT:
+        if body.get(field) is not None:
+            raise invalid(
+                f"'{field}' is not supported: Bastion is stateless and stores no responses"
+                " or conversations. Send the whole conversation in 'input' (earlier turns"
+                ' and outputs as input items), with "store": false.',
+                field,
+            )
     if "input" not in body:
         raise invalid("'input' is required: a string or an array of input items.", "input")
     value = body["input"]

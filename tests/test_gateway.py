@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import httpx
 import openai
 import pytest
@@ -167,12 +169,16 @@ def test_429_for_tokens_per_minute(gateway):
     assert post(gateway, "/responses", key, json=body).status_code == 200  # used ~22
     nearly_all = {**body, "max_output_tokens": 2950}
     error = assert_error(
-        post(gateway, "/responses", key, json=nearly_all), 429, "rate_limit_exceeded"
+        post(gateway, "/responses", key, json=nearly_all), 429, "rate_limit_exceeded",
+        "max_output_tokens",
     )
     assert "tokens" in error["message"]
     assert post(gateway, "/responses", key, json=body).status_code == 200
     too_big = {**body, "max_output_tokens": 4000}
-    error = assert_error(post(gateway, "/responses", key, json=too_big), 429, "rate_limit_exceeded")
+    error = assert_error(
+        post(gateway, "/responses", key, json=too_big), 429, "rate_limit_exceeded",
+        "max_output_tokens",
+    )
     assert "Request too large" in error["message"]
 
 
@@ -284,3 +290,47 @@ def test_refused_authenticated_posts_carry_rate_limit_headers(gateway):
         assert resp.headers["x-ratelimit-limit-requests"] == "50"
         assert resp.headers["x-ratelimit-remaining-requests"] == "50"  # nothing was charged
         assert resp.headers["x-ratelimit-limit-tokens"] == "100000"
+
+
+def test_models_say_which_endpoints_serve_each_model(gateway):
+    """An extra field on each model object: the SDK keeps it, a client need not learn from a 400."""
+    key, _ = gateway.new_key()
+    models = {m.id: m for m in client(gateway, key).models.list().data}
+    assert models["gpt-oss-120b"].endpoints == ["/v1/responses", "/v1/chat/completions"]
+    assert models["Mistral-7B-Instruct-v0.3"].endpoints == ["/v1/chat/completions"]
+
+
+@pytest.mark.parametrize("field", ["previous_response_id", "conversation"])
+def test_stored_context_is_refused_not_silently_dropped(gateway, field):
+    """Bastion stores no responses: a request that points at one would lose its context."""
+    key, account = gateway.new_key()
+    with pytest.raises(openai.BadRequestError) as err:
+        client(gateway, key).responses.create(
+            model="gpt-oss-120b", input="and then?", store=False, **{field: "resp_123"}
+        )
+    assert err.value.code == "invalid_request" and err.value.param == field
+    assert "whole conversation" in err.value.message
+    assert gateway.ledger(account) == [] and gateway.account(account).spent == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/responses", {"model": "gpt-oss-120b", "input": "hello"}, "max_output_tokens"),
+        (
+            "/chat/completions",
+            {"model": "gpt-oss-120b", "messages": [{"role": "user", "content": "hello"}]},
+            "max_completion_tokens",
+        ),
+    ],
+)
+def test_no_output_cap_and_a_small_tpm_says_which_cap_to_send(gateway, path, body, field):
+    """With no cap the worst case is the model's maximum; the 429 names the cap that fits."""
+    key, account = gateway.new_key(tpm=3000)
+    error = assert_error(post(gateway, path, key, json=body), 429, "rate_limit_exceeded", field)
+    assert "no cap was sent" in error["message"]
+    fits = int(re.search(rf"'{field}' of at most ([\d,]+)", error["message"])[1].replace(",", ""))
+    assert 0 < fits < 3000
+    assert post(gateway, path, key, json={**body, field: fits}).status_code == 200
+    assert post(gateway, path, key, json={**body, field: fits + 1}).status_code == 429
+    assert gateway.settled(account, 1)[0].status == "200"
