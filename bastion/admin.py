@@ -34,6 +34,7 @@ from bastion.views import (
     new_account_json,
     new_key_json,
     parse_since,
+    refusal_json,
 )
 
 log = logging.getLogger("bastion.admin")
@@ -60,6 +61,7 @@ def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
         ("POST", "/keys/{id}/revoke", admin.revoke_key, 200),
         ("DELETE", "/keys/{id}", admin.revoke_key, 200),
         ("GET", "/usage", admin.usage, 200),
+        ("GET", "/refusals", admin.refusals, 200),
         ("GET", "/audit", admin.audit, 200),
     ]
     for method, path, handler, status in routes:
@@ -212,19 +214,24 @@ class Admin:
     # ---- usage -------------------------------------------------------------------
     async def usage(self, request: web.Request) -> Any:
         query = _query(request, ("account", "since"))
-        since_us = None
-        if "since" in query:
-            text = _SPACE_OFFSET.sub(r"\1+\2", query["since"])
-            try:
-                since_us = parse_since(text)
-            except ValueError as exc:
-                raise invalid(f"'since': {exc}", "since") from None
+        since_us = _time(query, "since")
         try:
             rows = await self.store.usage(query.get("account"), since_us)
         except StoreError as exc:
             raise _store_error(exc, "account") from None
         names = {a.id: a.name for a in await self.store.list_accounts()}
         return [ledger_json(r, names) for r in rows]
+
+    async def refusals(self, request: web.Request) -> Any:
+        """401/402/403/429 counts per account, key and code (``bastion refusals --json``)."""
+        query = _query(request, ("account", "since", "until"))
+        since_us, until_us = _time(query, "since"), _time(query, "until")
+        try:
+            rows = await self.store.refusals(query.get("account"), since_us, until_us)
+        except StoreError as exc:
+            raise _store_error(exc, "account") from None
+        names = {a.id: a.name for a in await self.store.list_accounts()}
+        return [refusal_json(r, names) for r in rows]
 
     # ---- audit -------------------------------------------------------------------
     async def audit(self, request: web.Request) -> Any:
@@ -247,6 +254,16 @@ def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
             known = ", ".join(f"'{f}'" for f in allowed) or "none"
             raise invalid(f"Unknown query parameter '{name}'; known: {known}.", name)
     return {name: request.query[name] for name in allowed if name in request.query}
+
+
+def _time(query: dict[str, str], name: str) -> int | None:
+    """An ISO 8601 query parameter (a '+' offset arrives as a space) -> µs, or None."""
+    if name not in query:
+        return None
+    try:
+        return parse_since(_SPACE_OFFSET.sub(r"\1+\2", query[name]))
+    except ValueError as exc:
+        raise invalid(f"'{name}': {exc}", name) from None
 
 
 def _string(body: dict[str, Any], field: str, *, required: bool) -> str:

@@ -28,6 +28,7 @@ from bastion.metering import NUMBER_TOKENS, Usage, estimate_input, input_bound, 
 from bastion.metrics import Metrics
 from bastion.money import cost_nanos, format_usd
 from bastion.ratelimit import Decision, open_limiter
+from bastion.refusals import COUNTED, RefusalCollector, RefusalCounter
 from bastion.relay import Call, Relay
 from bastion.store import ApiKey, LedgerRow, open_store
 from bastion.validation import ClientRequest, parse
@@ -69,6 +70,8 @@ class Gateway:
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
         self.metrics.book = self.book
         self.metrics.writer = self.writer
+        self.refusals = RefusalCounter(self.store, config.refresh_interval_s)
+        self.metrics.registry.register(RefusalCollector(self.refusals))
         # streams in flight: to end if their lease is given up, to checkpoint for crashes
         self.streams: dict[Call, tuple[ApiKey, ClientRequest]] = {}
         self._refused_log = 0.0
@@ -82,6 +85,7 @@ class Gateway:
         await self.store.migrate()
         await self.relay.start()
         await self.writer.start()
+        self.refusals.start()
         # Start-up objects (modules, config, keys) live as long as the process: out of
         # the collector's sight, and young collections rarer, they cost no pauses.
         gc.collect()
@@ -111,6 +115,7 @@ class Gateway:
     async def cleanup(self, app: web.Application) -> None:
         self.guard.close()
         await self.writer.close()
+        await self.refusals.close()
         await self.relay.close()
         await self.limiter.close()
         await self.store.close()
@@ -172,8 +177,13 @@ class Gateway:
                 call.status = str(exc.status)
                 if call.upstream is not None:  # an upstream's message, relayed: never our key
                     exc.redact(call.upstream.api_key)
-            elif key is not None and not limited and "retry-after" not in exc.headers:
-                headers.update(await self.limiter.peek(key.id, *self.limits(key)))
+            else:
+                if key is not None and exc.status in COUNTED:
+                    self.refusals.count(
+                        exc.status, exc.code, key.account_id, key.account_name, key.id
+                    )
+                if key is not None and not limited and "retry-after" not in exc.headers:
+                    headers.update(await self.limiter.peek(key.id, *self.limits(key)))
             headers.update(exc.headers)
             self.metrics.requests[endpoint, str(exc.status)] += 1
             return web.Response(
@@ -195,6 +205,7 @@ class Gateway:
         header = request.headers.get("Authorization", "")
         scheme, _, token = header.partition(" ")
         if not token or scheme.lower() != "bearer":
+            self.refusals.count(401, "invalid_api_key")
             raise APIError(
                 401,
                 "invalid_api_key",
@@ -206,6 +217,7 @@ class Gateway:
         except UnicodeEncodeError:  # bytes that are not UTF-8: not a key
             key = None
         if key is None:
+            self.refusals.count(401, "invalid_api_key")
             if not well_formed(token):  # never echo what is not a key's shape
                 raise APIError(
                     401,
@@ -213,7 +225,10 @@ class Gateway:
                     "Malformed API key: a key is 'qbt_' and at least 32 letters, digits, '-'"
                     " or '_'.",
                 )
-            raise APIError(401, "invalid_api_key", f"Incorrect or revoked API key: {token[:8]}…")
+            raise APIError(401, "invalid_api_key", f"Incorrect API key provided: {token[:8]}…")
+        if key.revoked:
+            self.refusals.count(401, "invalid_api_key", key.account_id, key.account_name, key.id)
+            raise APIError(401, "invalid_api_key", f"This API key has been revoked: {key.prefix}…")
         return key
 
     async def read_body(self, request: web.Request) -> bytes:

@@ -33,7 +33,10 @@ def well_formed(key: str) -> bool:
 
 
 class KeyTable:
-    """The keys this gateway accepts, by hash, refreshed from the store in the background.
+    """Every key the store knows, by hash, refreshed from the store in the background.
+
+    Revoked keys stay in the table, so that a revoked key is told so and its refusals
+    are counted against its account.
 
     After one full load, each refresh reads only the keys changed since the last one
     (revocations included), looking back an extra minute so that clock skew between
@@ -59,8 +62,5 @@ class KeyTable:
             self._full_at = time.monotonic()
         else:
             for key in await store.keys_changed(self._since_us):
-                if key.revoked:
-                    self.by_hash.pop(key.key_hash, None)
-                else:
-                    self.by_hash[key.key_hash] = key
+                self.by_hash[key.key_hash] = key
         self._since_us = started_us - self.OVERLAP_US

@@ -12,7 +12,7 @@ from typing import Any
 
 from bastion.config import Config
 from bastion.money import format_usd
-from bastion.store import Account, ApiKey, LedgerRow
+from bastion.store import Account, ApiKey, LedgerRow, Refusal
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -113,4 +113,16 @@ def ledger_json(row: LedgerRow, names: dict[str, str]) -> dict[str, Any]:
         "estimated": row.estimated,
         "status": row.status,
         "created_at": iso_time(row.created_at),
+    }
+
+
+def refusal_json(row: Refusal, names: dict[str, str]) -> dict[str, Any]:
+    """Refusals of one kind summed over the window; ``account``/``key_id`` null: no key known."""
+    return {
+        "account": names.get(row.account_id, row.account_id) if row.account_id else None,
+        "key_id": row.key_id or None,
+        "status": row.status,
+        "code": row.code,
+        "count": row.count,
+        "last_at": iso_time(row.last_at),
     }

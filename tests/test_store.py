@@ -310,9 +310,9 @@ async def test_revoke_key_and_snapshot(store: Store) -> None:
     assert revoked.revoked and revoked.id == k1.id
     again = await store.revoke_key(k1.id)  # idempotent
     assert again == revoked
-    snap = await store.snapshot()
-    assert set(snap.keys) == {hash_key(p2)}
-    assert snap.keys[hash_key(p2)] == k2
+    snap = await store.snapshot()  # revoked keys stay: gateways tell their holders so
+    assert set(snap.keys) == {hash_key(p1), hash_key(p2)}
+    assert snap.keys[hash_key(p1)].revoked and snap.keys[hash_key(p2)] == k2
     assert [k.revoked for k in await store.list_keys()] == [True, False]
     with pytest.raises(StoreError, match="no key with id"):
         await store.revoke_key("key_nope")
@@ -490,7 +490,7 @@ async def test_two_stores_on_one_file(db_url: str) -> None:
         assert (await s2.get_account("shared")).id == acct.id
         assert hash_key(plaintext) in (await s2.snapshot()).keys
         await s2.revoke_key(key.id)
-        assert (await s1.snapshot()).keys == {}
+        assert (await s1.snapshot()).keys[hash_key(plaintext)].revoked
         with pytest.raises(StoreError, match="already exists"):
             await s2.create_account("shared")
         # both write the same request concurrently: charged exactly once
@@ -723,3 +723,34 @@ async def test_a_live_gateways_checkpoints_are_left_alone(store: Store) -> None:
     assert await store.reclaim_checkpoints() == []
     await store.retire("gw_live")  # a clean shutdown leaves no checkpoint behind
     assert await store.reclaim_checkpoints() == []
+
+
+async def test_refusal_counts_add_up_per_hour_and_sum_over_a_window(store: Store) -> None:
+    from bastion.store.refusals import HOUR_US, Refusal
+
+    acct = await store.create_account("a")
+    key, _ = await store.create_key("a")
+    noon = 1_767_268_800_000_000  # 2026-01-01T12:00:00Z, an hour's start
+    await store.add_refusals([Refusal(acct.id, key.id, 402, "insufficient_funds", 2, noon + 5)])
+    await store.add_refusals(
+        [
+            Refusal(
+                acct.id, key.id, 402, "insufficient_funds", 3, noon + 1
+            ),  # earlier: last_at stays
+            Refusal(acct.id, key.id, 402, "insufficient_funds", 1, noon + HOUR_US + 7),
+            Refusal("", "", 401, "invalid_api_key", 4, noon + 9),
+        ]
+    )
+    [summed] = await store.refusals("a")
+    assert (summed.count, summed.last_at) == (6, noon + HOUR_US + 7)
+    [first_hour] = await store.refusals("a", until_us=noon + HOUR_US)
+    assert (first_hour.count, first_hour.last_at) == (5, noon + 5)
+    [second_hour] = await store.refusals("a", since_us=noon + HOUR_US + 1)  # rounds to the hour
+    assert second_hour.count == 1
+    everyone = await store.refusals()
+    assert {(r.account_id, r.status, r.count) for r in everyone} == {
+        (acct.id, 402, 6),
+        ("", 401, 4),
+    }
+    with pytest.raises(StoreError):
+        await store.refusals("nobody")

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from bastion.store.refusals import Refusal
+
 
 class StoreError(ValueError):
     """A refused operation (unknown account, duplicate name, overdraft); message is for humans."""
@@ -100,6 +102,10 @@ class Store(Protocol):
         self, account: str | None = None, since_us: int | None = None
     ) -> list[LedgerRow]: ...
     async def audit_data(self) -> AuditData: ...
+    async def add_refusals(self, rows: list[Refusal]) -> None: ...
+    async def refusals(
+        self, account: str | None = None, since_us: int | None = None, until_us: int | None = None
+    ) -> list[Refusal]: ...
 
     # gateways: credit leases (see 0002_leases.sql) and the ledger
     async def snapshot(self) -> Snapshot: ...

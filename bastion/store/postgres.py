@@ -42,6 +42,7 @@ from bastion.store import (
     RowRejected,
     Snapshot,
     StoreError,
+    refusals,
 )
 from bastion.store.common import (
     CHECKPOINT_COLUMNS,
@@ -65,6 +66,7 @@ from bastion.store.common import (
     now_us,
 )
 from bastion.store.migrate import migrate_postgres
+from bastion.store.refusals import Refusal
 
 if TYPE_CHECKING:
     import asyncpg
@@ -369,6 +371,18 @@ class PostgresStore:
             rows = await conn.fetch(sql + " ORDER BY created_at, request_id", *params)
         return [ledger_row(row) for row in rows]
 
+    async def add_refusals(self, rows: list[Refusal]) -> None:
+        if rows:
+            async with self._write() as conn:
+                await refusals.pg_add(conn, rows)
+
+    async def refusals(
+        self, account: str | None = None, since_us: int | None = None, until_us: int | None = None
+    ) -> list[Refusal]:
+        async with self._read() as conn:
+            account_id = None if account is None else (await _account(conn, account)).id
+            return await refusals.pg_read(conn, account_id, since_us, until_us)
+
     async def write_ledger(
         self, rows: list[LedgerRow], gateway_id: str | None = None
     ) -> list[LedgerRow]:
@@ -477,7 +491,7 @@ class PostgresStore:
 
     async def snapshot(self) -> Snapshot:
         async with self._read() as conn:
-            rows = await conn.fetch(KEY_SELECT + "WHERE k.revoked = 0")
+            rows = await conn.fetch(KEY_SELECT)
         keys = [api_key(r) for r in rows]
         return Snapshot(keys={k.key_hash: k for k in keys})
 

@@ -32,6 +32,7 @@ from bastion.store import (
     RowRejected,
     Snapshot,
     StoreError,
+    refusals,
 )
 from bastion.store.common import (
     CHECKPOINT_COLUMNS,
@@ -55,6 +56,7 @@ from bastion.store.common import (
     now_us,
 )
 from bastion.store.migrate import migrate_sqlite
+from bastion.store.refusals import Refusal
 
 GRANTS_SQL = "SELECT account_id, SUM(amount) FROM credits GROUP BY 1"
 
@@ -317,6 +319,23 @@ class SQLiteStore:
 
         return await self._run(_usage)
 
+    async def add_refusals(self, rows: list[Refusal]) -> None:
+        def _add(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                refusals.sqlite_add(conn, rows)
+
+        if rows:
+            await self._run(_add)
+
+    async def refusals(
+        self, account: str | None = None, since_us: int | None = None, until_us: int | None = None
+    ) -> list[Refusal]:
+        def _read(conn: sqlite3.Connection) -> list[Refusal]:
+            account_id = None if account is None else self._account(conn, account).id
+            return refusals.sqlite_read(conn, account_id, since_us, until_us)
+
+        return await self._run(_read)
+
     async def write_ledger(
         self, rows: list[LedgerRow], gateway_id: str | None = None
     ) -> list[LedgerRow]:
@@ -425,7 +444,7 @@ class SQLiteStore:
 
     async def snapshot(self) -> Snapshot:
         def _snapshot(conn: sqlite3.Connection) -> Snapshot:
-            keys = [api_key(r) for r in conn.execute(KEY_SELECT + "WHERE k.revoked = 0")]
+            keys = [api_key(r) for r in conn.execute(KEY_SELECT)]
             return Snapshot(keys={k.key_hash: k for k in keys})
 
         return await self._run(_snapshot)
