@@ -12,6 +12,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 BODY = {"model": "gpt-oss-120b", "input": "hello", "max_output_tokens": 16}
 
@@ -107,3 +108,24 @@ def test_the_admin_api_lists_refusals_per_account_and_key(gateway):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
     unknown = httpx.get(url, params={"account": "nobody-here"}, headers=admin)
     assert unknown.status_code == 404
+
+
+async def test_counts_wait_for_a_store_that_is_away(tmp_path):
+    """A flush that fails keeps its counts for the next one: none lost, none twice."""
+    from bastion.refusals import RefusalCounter
+    from bastion.store import StoreError, open_store
+
+    home = tmp_path / "not-yet"
+    store = open_store(f"sqlite:///{home}/bastion.db")  # its directory does not exist yet
+    counter = RefusalCounter(store, interval_s=60)
+    counter.count(401, "invalid_api_key")
+    counter.count(401, "invalid_api_key")
+    with pytest.raises(StoreError):
+        await counter.flush()
+    counter.count(401, "invalid_api_key")
+    home.mkdir()
+    await counter.flush()
+    await counter.flush()  # nothing pending: writes nothing
+    [row] = await store.refusals()
+    assert (row.status, row.count) == (401, 3)
+    await store.close()
