@@ -1,4 +1,4 @@
-"""The admin HTTP API (SPEC §4): the CLI's operations under ``/admin/v1/…``.
+"""The admin HTTP API (docs/admin.md): the CLI's operations under ``/admin/v1/…``.
 
 It exists so an operator's tooling can manage accounts and keys without shell
 access to a machine holding the database URL. Same operations, same JSON shapes as

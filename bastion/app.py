@@ -1,6 +1,6 @@
 """The gateway: HTTP handlers, and the hot path that reads top to bottom.
 
-A POST goes auth → body → model → rate limit → credit → upstream (SPEC §1 order),
+A POST goes auth → body → model → rate limit → credit → upstream (the order docs/api.md gives),
 then settles: the reservation becomes the actual cost, a ledger row is queued for
 the next group commit, unused tokens go back to the limiter. Nothing on this path
 waits on the database: keys and leased credit are in memory, refreshed in the background.
@@ -335,7 +335,7 @@ class Gateway:
         bound: int,
         headers: dict[str, str],
     ) -> Call:
-        """The upstream body: the client's, except SPEC §1's model/cap/usage changes."""
+        """The upstream body: the client's, except the model/cap/usage changes docs/api.md lists."""
         body = req.body
         changed = False
         if model.renamed:

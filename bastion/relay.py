@@ -3,7 +3,7 @@
 JSON answers are read whole (usage is in them). Streams are cut at SSE event
 boundaries (``EventFramer``: any line end the SSE spec allows) and each event goes to
 the client as soon as it is complete, byte for byte; a scanner beside the pipe notes
-usage, counts deltas for estimates, and rewrites only what SPEC §1 allows (the model
+usage, counts deltas for estimates, and rewrites only what docs/api.md allows (the model
 name, the usage chunk Bastion asked for on the client's behalf). An upstream that
 breaks off, or sends an event over ``max_event_bytes``, ends the client's stream with
 a well-formed error event, never a silent truncation.
@@ -517,7 +517,7 @@ def public(exc: UpstreamHTTPError) -> str:
 
 
 def upstream_error(status: int, body: bytes, call: Call) -> APIError:
-    """Map an upstream error answer to what the client gets (SPEC §1, Errors)."""
+    """Map an upstream error answer to what the client gets (docs/api.md, Errors)."""
     detail = _error_detail(body)
     message = detail.get("message") if isinstance(detail.get("message"), str) else ""
     if status >= 500:

@@ -1,4 +1,4 @@
-"""The operator-facing JSON shapes (SPEC §4), shared by the CLI's ``--json`` and the admin API.
+"""The operator-facing JSON shapes, shared by the CLI's ``--json`` and the admin API.
 
 One set of functions, so that ``bastion accounts show acme --json`` and
 ``GET /admin/v1/accounts/acme`` cannot drift apart. Money goes out as a decimal

@@ -2,7 +2,7 @@
 
 Everything goes through HTTP as an operator's tooling would send it; a key made
 here is used with the official openai SDK, and changes are awaited for at most the
-5 s that SPEC §2 promises.
+5 s that docs/operations.md promises.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SPEC §2: exact money. Balance = credits − Σ ledger costs; never below zero."""
+"""Exact money (docs/operations.md). Balance = credits − Σ ledger costs; never below zero."""
 
 from __future__ import annotations
 

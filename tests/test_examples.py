@@ -1,10 +1,11 @@
-"""The three examples of bastion-api-reference.txt, run verbatim against Bastion.
+"""The three examples of the public API reference, run verbatim against Bastion.
 
-The examples are copied character for character from the reference: the curl below,
-and ``tests/js/openai_sdk.mjs`` and ``tests/js/fetch.mjs``. They point at the
-production URL; each test swaps only that string for the test gateway's URL and sets
-``QUBITTRON_API_KEY`` to a fresh key, then runs the real ``curl`` and ``node``.
-Missing tools are a failure, not a skip: CI has them.
+The examples are copied character for character from the reference our clients
+read: the curl below, and ``tests/js/openai_sdk.mjs`` and ``tests/js/fetch.mjs``.
+They point at the production URL; each test swaps only that string for the test
+gateway's URL and sets ``QUBITTRON_API_KEY`` to a fresh key, then runs the real
+``curl`` and ``node``. docs/api.md carries the same three, pointed at the demo's URL,
+and a test keeps them identical. Missing tools are a failure, not a skip: CI has them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from openai.types.responses import Response
 
 PRODUCTION_URL = "https://api.qubittron.ai/v1"
 JS_DIR = Path(__file__).parent / "js"
+API_DOC = Path(__file__).parent.parent / "docs" / "api.md"
+DEMO_URL = "http://127.0.0.1:8080/v1"
 
 CURL_EXAMPLE = """\
 curl https://api.qubittron.ai/v1/responses \\
@@ -54,6 +57,9 @@ def run(args: list[str], key: str, cwd: Path | None = None, **env: str) -> str:
     )
     assert done.returncode == 0, f"{args[0]} exited {done.returncode}: {done.stderr}"
     return done.stdout
+
+
+JS_FILES = ("openai_sdk.mjs", "fetch.mjs")
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +116,11 @@ def test_fetch_example(gateway, node_modules, tmp_path):
     [row] = gateway.settled(account, 1)
     assert row.status == "200" and row.endpoint == "responses"
     assert (row.input_tokens, row.output_tokens) == (int(usage[1]), int(usage[2]))
+
+
+def test_the_api_doc_carries_the_three_examples_verbatim():
+    """docs/api.md is what clients read: its examples are these, pointed at the demo."""
+    doc = API_DOC.read_text()
+    for example in (CURL_EXAMPLE, *(JS_DIR.joinpath(n).read_text() for n in JS_FILES)):
+        assert example.count(PRODUCTION_URL) == 1
+        assert example.replace(PRODUCTION_URL, DEMO_URL).strip() in doc

@@ -1,4 +1,4 @@
-"""The client API of SPEC §1 through the official SDK: answers, errors, headers."""
+"""The client API (docs/api.md) through the official SDK: answers, errors, headers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §6: two gateway replicas on one PostgreSQL and one Redis keep every invariant."""
+"""Scale-out (docs/deploy.md): two replicas on one PostgreSQL and one Redis keep every invariant."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The upstream simulator, as the official `openai` SDK sees it (SPEC §5)."""
+"""The upstream simulator, as the official `openai` SDK sees it (docs/simulator.md)."""
 
 from __future__ import annotations
 

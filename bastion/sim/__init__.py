@@ -1,4 +1,6 @@
-"""Upstream simulator (SPEC §5): a vLLM-like OpenAI-compatible server for tests and benchmarks.
+"""Upstream simulator: a vLLM-like OpenAI-compatible server for tests and benchmarks.
+
+What it serves and how it models an inference server: docs/simulator.md.
 
 Public API:
 - `create_app(ttft_ms, tokens_per_s)` / `run(host, port, ttft_ms, tokens_per_s)`: the server.

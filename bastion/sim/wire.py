@@ -1,6 +1,6 @@
 """The simulator's wire format: Responses and Chat Completions bodies and SSE streams.
 
-Shapes follow docs/protocol-notes (§2, §3, §4): what vLLM and OpenAI send and what the
+Shapes follow the OpenAI API and vLLM's server: what vLLM and OpenAI send and what the
 `openai` SDK's types and stream accumulator accept. Streams are rendered up front into
 bytes (one unit per token) so the hot loop only writes precomputed bytes.
 """

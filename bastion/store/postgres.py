@@ -1,4 +1,4 @@
-"""The PostgreSQL store: what every gateway replica shares once Bastion scales out (SPEC §6).
+"""The PostgreSQL store: what every gateway replica shares once Bastion scales out (docs/deploy.md).
 
 Same schema (one migration history), same semantics and the same refusal messages as
 the SQLite store; only the concurrency control differs. SQLite serialises every writer
