@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 PERIOD_S = 60.0
+# Float TATs: k × (60/k) can come out a hair over 60, which would refuse the last unit
+# of a full budget or report one unit less remaining. A nanosecond (and a millionth of
+# a unit) of slack absorbs the rounding; no real request is that close to the edge.
+_SLACK_S = 1e-9
+_SLACK_UNITS = 1e-6
 
 
 @dataclass(slots=True)
@@ -47,7 +52,7 @@ def gcra(
     """One GCRA step: (allowed, new TAT). ``weight`` units of a ``limit``/period budget."""
     interval = period / limit
     new_tat = max(tat, now) + weight * interval
-    return new_tat - now <= period, new_tat
+    return new_tat - now <= period + _SLACK_S, new_tat
 
 
 def headers_for(
@@ -65,7 +70,7 @@ def headers_for(
     if not limit:
         return
     used = max(0.0, tat - now)
-    remaining = int((period - used) * limit / period)
+    remaining = int((period - used) * limit / period + _SLACK_UNITS)
     out[f"x-ratelimit-limit-{suffix}"] = str(limit)
     out[f"x-ratelimit-remaining-{suffix}"] = str(max(0, remaining))
     out[f"x-ratelimit-reset-{suffix}"] = duration(used)

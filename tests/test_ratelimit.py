@@ -63,3 +63,22 @@ def test_duration_format_matches_openai():
     assert duration(1) == "1s"
     assert duration(360) == "6m0s"
     assert duration(2.5) == "2.5s"
+
+
+async def test_a_limit_is_exact_whatever_its_size():
+    """Exactly the limit is admitted at once, one more unit is not; float rounding of
+    60/N must not refuse the last unit (w × 60/w is over 60 for w = 29, 58, 79, …)."""
+    for limit in (29, 58, 79, 600, 3000, 4_999):
+        limiter = MemoryLimiter(Clock())
+        assert (await limiter.admit("k", rpm=0, tpm=limit, tokens=limit)).allowed, limit
+        assert not (await limiter.admit("k", rpm=0, tpm=limit, tokens=1)).allowed, limit
+        one_by_one = MemoryLimiter(Clock())
+        for i in range(limit if limit < 1000 else 0):
+            assert (await one_by_one.admit("k", rpm=limit, tpm=0, tokens=1)).allowed, (limit, i)
+
+
+async def test_remaining_counts_what_is_left_exactly():
+    for limit in (2, 7, 600):
+        limiter = MemoryLimiter(Clock())
+        decision = await limiter.admit("k", rpm=limit, tpm=0, tokens=1)
+        assert decision.headers["x-ratelimit-remaining-requests"] == str(limit - 1), limit
