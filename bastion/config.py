@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from bastion.metering import Usage
 
 ENDPOINTS = ("responses", "chat")
+
+DEFAULT_SOURCE = "built-in default"
+"""``Config.database_source`` when neither a config file nor the environment set the URL."""
 
 
 class ConfigError(ValueError):
@@ -103,6 +106,9 @@ class Config:
     refresh_interval_s: float = 1.0
     lease_ttl_s: float = 30.0  # a silent gateway's credit leases are reclaimed after this
     health_check_interval_s: float = 5.0
+    # where database_url came from, for the CLI to say which store it opens:
+    # DEFAULT_SOURCE, "config file PATH" or "BASTION_DATABASE_URL"
+    database_source: str = DEFAULT_SOURCE
 
 
 def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
@@ -110,6 +116,7 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
     env = dict(os.environ if env is None else env)
     data = tomllib.loads(resources.files("bastion").joinpath("defaults.toml").read_text())
     path = path or env.get("BASTION_CONFIG")
+    source = DEFAULT_SOURCE
     if path:
         try:
             text = Path(path).read_text()
@@ -120,13 +127,16 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         data = _merge(data, user)
+        if isinstance(user.get("database"), dict) and "url" in user["database"]:
+            source = f"config file {path}"
     if url := env.get("BASTION_DATABASE_URL"):
         data.setdefault("database", {})["url"] = url
+        source = "BASTION_DATABASE_URL"
     if url := env.get("BASTION_REDIS_URL"):
         data.setdefault("ratelimit", {})["url"] = url
     if token := env.get("BASTION_ADMIN_TOKEN"):
         data.setdefault("admin", {})["token"] = token
-    return parse_config(data)
+    return replace(parse_config(data), database_source=source)
 
 
 def _merge(base: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:

@@ -17,8 +17,10 @@ import pytest
 
 from bastion import cli
 from bastion.auth import hash_key, well_formed
+from bastion.cli.usage import parse_time
 from bastion.store import LedgerRow
 from bastion.store.sqlite import SQLiteStore
+from bastion.views import iso_time
 
 
 class Env:
@@ -33,12 +35,18 @@ class Env:
             f'[database]\nurl = "{self.url}"\n\n[ratelimit]\ndefault_rpm = 77\ndefault_tpm = 9999\n'
         )
 
-    def run(self, *args: str, config: bool = True, env: dict[str, str] | None = None) -> Any:
+    def run(
+        self,
+        *args: str,
+        config: bool = True,
+        env: dict[str, str] | None = None,
+        columns: int = 250,
+    ) -> Any:
         argv = [sys.executable, "-m", "bastion", *args]
         if config:
             argv += ["--config", str(self.config)]
         base = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
-        base["COLUMNS"] = "250"
+        base["COLUMNS"] = str(columns)  # rich's width when stdout is not a terminal
         return subprocess.run(
             argv, capture_output=True, text=True, cwd=self.dir, env={**base, **(env or {})}
         )
@@ -106,7 +114,9 @@ def test_accounts_create_show_list(env: Env) -> None:
     assert listed[0] == shown
 
     human = env.ok("accounts", "list")
-    assert "acme" in human and "$10.00" in human and created["id"] in human
+    assert "acme" in human and "$10.00" in human
+    assert created["id"][:12] in human and created["id"] not in human  # short ids, as git
+    assert created["id"] in env.ok("accounts", "list", "--wide")
     human = env.ok("accounts", "create", "gamma", "--credit", "0.5")
     assert "Created account gamma" in human and "$0.50" in human
 
@@ -196,20 +206,23 @@ def test_keys_create_list_update_revoke(env: Env) -> None:
     assert (first["rpm_default"], first["tpm_default"]) == (False, True)
     assert made["key"] not in json.dumps(listed)
     human = env.ok("keys", "list", "--account", "acme")
-    assert made["id"] in human and made["key"] not in human and "active" in human
+    assert made["id"][:12] in human and made["key"] not in human and "active" in human
+    assert made["key"][:12] not in human  # the prefix is for --wide
+    wide = env.ok("keys", "list", "--wide")
+    assert made["id"] in wide and made["key"][:12] in wide and made["key"] not in wide
 
     updated = env.ok("keys", "update", made["id"], "--tpm", "0", "--json")
     assert (updated["rpm"], updated["tpm"], updated["tpm_default"]) == (5, 0, False)
-    updated = env.ok("keys", "update", made["id"], "--rpm", "9", "--json")
-    assert (updated["rpm"], updated["tpm"]) == (9, 0)
+    updated = env.ok("keys", "update", made["id"][:12], "--rpm", "9", "--json")  # a short id
+    assert (updated["id"], updated["rpm"], updated["tpm"]) == (made["id"], 9, 0)
     assert "unlimited" in env.ok("keys", "list")
 
     revoked = env.ok("keys", "revoke", made["id"], "--json")
     assert revoked["revoked"] is True and revoked["id"] == made["id"]
     assert "revoked" in env.ok("keys", "list")
-    snapshot = env.store_call("snapshot")
-    assert hash_key(made["key"]) not in snapshot.keys
-    assert hash_key(default["key"]) in snapshot.keys
+    snapshot = env.store_call("snapshot")  # revoked keys stay, so gateways can say "revoked"
+    assert snapshot.keys[hash_key(made["key"])].revoked
+    assert not snapshot.keys[hash_key(default["key"])].revoked
 
 
 def test_keys_refusals(env: Env) -> None:
@@ -302,8 +315,104 @@ def test_usage_since_with_and_without_offset(env: Env) -> None:
 def test_usage_human(env: Env) -> None:
     _seed_usage(env)
     out = env.ok("usage")
-    assert "r-noon" in out and "Qwen3-32B" in out and "(est.)" in out
+    assert "Qwen3-32B" in out and "~$0.123456789" in out and "estimated" in out
+    # newest first: r-beta, r-noon, r-early (the narrow table names no request)
+    assert out.index("gpt-oss-20b") < out.index("Qwen3-32B") < out.index("gpt-oss-120b")
+    assert "r-noon" not in out
     assert "3 requests, $2.12345679" in out
+    wide = env.ok("usage", "--wide")
+    assert "r-noon" in wide and "2025-01-31T12:00:00.000000Z" in wide
+
+
+def test_usage_newest_first_limit_and_until(env: Env) -> None:
+    _seed_usage(env)
+
+    def ids(*args: str) -> list[str]:
+        return [r["request_id"] for r in env.ok("usage", *args, "--json")]
+
+    # --json: the ledger's order (oldest first); every row unless --limit asks for the newest N
+    assert ids() == ["r-early", "r-noon", "r-beta"]
+    assert ids("--limit", "2") == ["r-noon", "r-beta"]
+    assert ids("-n", "0") == ids("--limit", "5") == ["r-early", "r-noon", "r-beta"]
+    # --until is exclusive, --since inclusive: consecutive windows never share a row
+    assert ids("--until", "2025-01-31T12:00:00Z") == ["r-early"]
+    assert ids("--since", "2025-01-31T12:00:00Z", "--until", "2025-01-31T12:30:00Z") == ["r-noon"]
+    assert ids("--since", "2025-01-31T12:30:00Z", "--until", "2026-01-01") == ["r-beta"]
+    env.fails("usage", "--until", "tomorrow", message="--until: not an ISO 8601 time")
+
+    out = env.ok("usage", "--limit", "2", "--wide")  # the table: newest first
+    assert out.index("r-beta") < out.index("r-noon") and "r-early" not in out
+    assert "newest 2 of 3 requests: $2.123456789 of $2.12345679 (--limit 0 shows all)" in out
+    assert env.run("usage", "--limit", "-1").returncode == 2
+
+
+def test_tables_fit_80_columns(env: Env) -> None:
+    """One line per row on an 80-column terminal, for names up to 12 characters."""
+    a = env.ok("accounts", "create", "research-lab", "--credit", "1234.5", "--json")
+    env.ok("accounts", "create", "acme", "--credit", "25.125")
+    key = env.ok("keys", "create", "--account", "research-lab", "--name", "ci-runner-01", "--json")
+    env.ok("keys", "create", "--account", "acme", "--rpm", "0", "--tpm", "150000")
+    t = us("2025-01-31T12:00:00+00:00")
+    models = ["gpt-oss-120b", "Qwen3-32B", "Mistral-Small-3.2-24B-Instruct-2506"]
+    env.store_call("write_ledger", [
+        LedgerRow(f"req_{i:02d}{'5b1f' * 7}", a["id"], key["id"], models[i % 3], "responses",
+                  12_345 + i, 1_024, 3_987_123 + i, i % 5 == 0, "200" if i % 7 else "cancelled",
+                  t + i * 61_000_000)
+        for i in range(55)
+    ])  # fmt: skip
+
+    def rows(*args: str) -> list[str]:
+        lines = env.run(*args, columns=80).stdout.splitlines()
+        assert lines and all(len(line) <= 80 for line in lines), "\n".join(lines)
+        return lines
+
+    listed = rows("accounts", "list")
+    assert len(listed) == 3  # header + one line per account
+    assert all(w in listed[2] for w in ("research-lab", a["id"][:12], "$1234.28070675"))
+    assert "$0.21929325" in listed[2]  # spent: the 55 requests below
+    keys = rows("keys", "list")
+    assert (
+        len(keys) == 4 and keys[3] == "* the config default (ratelimit.default_rpm / default_tpm)"
+    )
+    assert all(
+        w in keys[1] for w in (key["id"][:12], "research-lab", "ci-runner-01", "77", "9,999*")
+    )
+    assert all(w in keys[2] for w in ("acme", "unlimited", "150,000", "active"))
+
+    usage = rows("usage")  # newest 50 of 55, newest first
+    assert len(usage) == 1 + 50 + 2
+    newest = usage[1]
+    assert newest.startswith("2025-01-31 12:54 ") and newest.split()[-1] == "200"
+    assert all(w in newest for w in ("research-lab", "gpt-oss-120b", "12,399", "1,024"))
+    assert "$0.003987177" in newest
+    assert any("Mistral-" in r and "…" in r for r in usage)  # a long model name is cut
+    assert any(r.endswith("cancelled") for r in usage)
+    assert any("~$0.003987" in r for r in usage)  # estimated
+    assert usage[-2].startswith("newest 50 of 55 requests: $0.19") and "(--limit 0" in usage[-2]
+    assert usage[-1].startswith("~ an estimated cost")
+
+
+def test_keys_take_a_unique_prefix(env: Env) -> None:
+    env.ok("accounts", "create", "acme")
+    made = [env.ok("keys", "create", "--account", "acme", "--json")["id"] for _ in range(3)]
+    new_ids = ["key_abcdef000001", "key_abcdef000002", "key_123456789abc"]
+    with closing(sqlite3.connect(env.db)) as conn, conn:
+        for old, new in zip(made, new_ids, strict=True):
+            conn.execute("UPDATE api_keys SET id = ? WHERE id = ?", (new, old))
+
+    listed = env.ok("keys", "list")  # short ids grow until they are unique, as git's do
+    assert "key_abcdef000001" in listed and "key_abcdef000002" in listed
+    assert "key_12345678 " in listed and "key_123456789" not in listed
+
+    env.fails("keys", "revoke", "key_abcdef", message="'key_abcdef' is ambiguous: 2 keys")
+    env.fails("keys", "update", "key_", "--rpm", "1", message="3 keys start so")
+    env.fails("keys", "revoke", "key_123", message="too short: give at least 8 characters")
+    env.fails("keys", "revoke", "key_999999", message="no key with id 'key_999999'")
+    assert not any(k["revoked"] for k in env.ok("keys", "list", "--json"))
+
+    assert env.ok("keys", "revoke", "key_12345678", "--json")["id"] == "key_123456789abc"
+    assert env.ok("keys", "update", "key_abcdef000002", "--rpm", "3", "--json")["rpm"] == 3
+    assert "Revoked key key_abcdef000001" in env.ok("keys", "revoke", "key_abcdef000001")
 
 
 # ---- audit ----------------------------------------------------------------------------
@@ -391,7 +500,7 @@ def test_missing_implementation_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
 
 
 def test_negative_after_dashes_rewrite() -> None:
-    rewrite = cli._negative_after_dashes
+    rewrite = cli.negative_after_dashes
     assert rewrite(["accounts", "credit", "a", "--", "-0.5", "--json"]) == [
         "accounts", "credit", "a", "-0.5", "--json",
     ]  # fmt: skip
@@ -401,6 +510,6 @@ def test_negative_after_dashes_rewrite() -> None:
 
 def test_iso_and_since_are_exact() -> None:
     moment = datetime(2025, 1, 31, 12, 0, 0, 1, tzinfo=UTC)
-    micros = cli._parse_since(moment.isoformat())
-    assert cli._iso(micros) == "2025-01-31T12:00:00.000001Z"
-    assert cli._parse_since("2025-01-31T12:00:00.000001") == micros
+    micros = parse_time("--since", moment.isoformat())
+    assert iso_time(micros) == "2025-01-31T12:00:00.000001Z"
+    assert parse_time("--until", "2025-01-31T12:00:00.000001") == micros
