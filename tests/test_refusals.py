@@ -8,7 +8,11 @@ no trace an operator can read.
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 
 import httpx
@@ -129,3 +133,33 @@ async def test_counts_wait_for_a_store_that_is_away(tmp_path):
     [row] = await store.refusals()
     assert (row.status, row.count) == (401, 3)
     await store.close()
+
+
+def bastion(gateway, *args: str) -> subprocess.CompletedProcess:
+    """The real ``bastion`` command, on the gateway's config (hence its database)."""
+    return subprocess.run(
+        [sys.executable, "-m", "bastion", *args, "--config", str(gateway.config_path)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"},
+    )  # fmt: skip
+
+
+def test_the_cli_shows_who_is_being_refused(gateway):
+    key, account = gateway.new_key(credit="0.000001", rpm=1)
+    kid = key_id(gateway, account)
+    assert post(gateway, key).status_code == 402
+    assert post(gateway, key).status_code == 429
+    stored_refusals(gateway, account, 2)
+    done = bastion(gateway, "refusals", "--account", account, "--json")
+    assert done.returncode == 0, done.stderr
+    assert {(r["key_id"], r["status"], r["count"]) for r in json.loads(done.stdout)} == {
+        (kid, 402, 1),
+        (kid, 429, 1),
+    }
+    table = bastion(gateway, "refusals", "--account", account)
+    assert table.returncode == 0, table.stderr
+    [line] = [x for x in table.stdout.splitlines() if x.startswith(account)]
+    assert kid[:12] in line and len(line) <= 80
+    assert line.split()[2:6] == ["-", "1", "-", "1"]  # 401, 402, 403, 429
+    assert "2 refused requests, 1 key" in table.stdout
+    unknown = bastion(gateway, "refusals", "--account", "nobody-at-all")
+    assert unknown.returncode == 1 and "nobody-at-all" in unknown.stderr

@@ -1,4 +1,4 @@
-"""The operator CLI: ``bastion accounts|keys|usage|audit|serve|sim|demo`` (docs/cli.md).
+"""The operator CLI: ``bastion accounts|keys|usage|refusals|audit|serve|sim|demo`` (docs/cli.md).
 
 Each store command loads the config, opens the store, does one thing and closes
 it; the gateway sees the change within seconds through its snapshot refresh.
@@ -6,7 +6,7 @@ Every command takes ``--config``, ``--json`` and ``--verbose`` (also after its
 arguments). Refusals (unknown account, bad amount, overdraft, bad config, missing
 database) print one line on stderr and exit 1.
 
-One module per concern: accounts, keys, usage, audit, processes (serve/sim/demo);
+One module per concern: accounts, keys, usage, refusals, audit, processes (serve/sim/demo);
 render (tables, money), storeopen (which store, and saying so), options (shared).
 """
 
@@ -17,7 +17,7 @@ import sys
 
 import typer
 
-from bastion.cli import accounts, audit, keys, processes, usage
+from bastion.cli import accounts, audit, keys, processes, refusals, usage
 from bastion.cli.options import CliError
 from bastion.config import ConfigError
 from bastion.money import MoneyError
@@ -32,6 +32,7 @@ app = typer.Typer(
 app.add_typer(accounts.app, name="accounts")
 app.add_typer(keys.app, name="keys")
 app.command("usage")(usage.usage)
+app.command("refusals")(refusals.refusals)
 app.command("audit")(audit.audit)
 app.command("serve")(processes.serve)
 app.command("sim")(processes.sim)
