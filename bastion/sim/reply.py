@@ -15,11 +15,14 @@ from typing import Any
 
 import orjson
 
+from bastion.sim import structured
+
 DEFAULT_TOKENS = 16
 """Length of a generated (not "Reply with:") answer when nothing overrides it."""
 
 ARG_PIECE_CHARS = 4
-"""A function call's arguments stream in pieces of this many characters (one token each)."""
+"""JSON (a call's arguments, structured output) streams in pieces of this many characters,
+one token each."""
 
 PER_ITEM_TOKENS = 4
 """Input tokens charged per message / input item (and for `instructions`)."""
@@ -203,6 +206,42 @@ def _text_pieces(body: dict[str, Any], endpoint: str, tokens: int | None) -> lis
     return generated_words(_seed(body, endpoint), _requested_tokens(body, tokens))
 
 
+# ---------------------------------------------------------------- structured output
+
+
+def output_format(body: dict[str, Any], endpoint: str) -> dict[str, Any] | None:
+    """The JSON format asked for: chat `response_format`, responses `text.format`.
+
+    None for `{"type": "text"}`, an absent format, or anything else (words, as before).
+    """
+    if endpoint == "chat":
+        fmt = body.get("response_format")
+    else:
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+    ok = isinstance(fmt, dict) and fmt.get("type") in ("json_schema", "json_object")
+    return fmt if ok else None
+
+
+def structured_text(body: dict[str, Any], endpoint: str, fmt: dict[str, Any]) -> str:
+    """The JSON answer: an instance of the schema, or for `json_object` an object.
+
+    `json_schema` reads chat's `{"json_schema": {"schema"}}` or responses' flat
+    `{"schema"}`. `json_object` (or a schema that is missing) answers the `Reply with:`
+    text when it is a JSON object, else `{}`.
+    """
+    nested = fmt.get("json_schema")
+    schema = nested.get("schema") if isinstance(nested, dict) else fmt.get("schema")
+    if fmt.get("type") == "json_schema" and isinstance(schema, dict):
+        return structured.dumps(schema, _seed(body, endpoint))
+    match = _REPLY_WITH.search(last_user_text(body, endpoint))
+    try:
+        value = orjson.loads(match.group(1).strip()) if match else None
+    except orjson.JSONDecodeError:
+        value = None
+    return orjson.dumps(value).decode() if isinstance(value, dict) else "{}"
+
+
 # ---------------------------------------------------------------- function calls
 
 
@@ -310,6 +349,11 @@ def call_arguments(body: dict[str, Any], name: str, after: str, endpoint: str) -
 # ---------------------------------------------------------------- the plan
 
 
+def _json_pieces(text: str) -> list[str]:
+    """JSON (arguments or structured output) as deltas of 4 characters, one token each."""
+    return [text[i : i + ARG_PIECE_CHARS] for i in range(0, len(text), ARG_PIECE_CHARS)]
+
+
 def output_cap(body: dict[str, Any], endpoint: str) -> int | None:
     """`max_output_tokens` (responses) or `max_completion_tokens`/`max_tokens` (chat)."""
     keys = (
@@ -338,9 +382,9 @@ def plan_reply(
     if call:
         name = call[0]
         arguments = call_arguments(body, name, call[1], endpoint)
-        pieces = [
-            arguments[i : i + ARG_PIECE_CHARS] for i in range(0, len(arguments), ARG_PIECE_CHARS)
-        ]
+        pieces = _json_pieces(arguments)
+    elif fmt := output_format(body, endpoint):
+        pieces = _json_pieces(structured_text(body, endpoint, fmt))
     else:
         pieces = _text_pieces(body, endpoint, tokens)
     cap = output_cap(body, endpoint)
