@@ -1,27 +1,48 @@
 # Two entry points for a fresh machine: `make demo` and `make test`.
-# Both create .venv and install Bastion with what it needs.
+# Both create .venv; each installs only what it needs (stamp files below).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Stamps: Bastion and its dependencies (the demo); + the test tools (pytest, openai,
+# ruff, ...); + the Python clients of examples/ (LangChain, litellm, the Agents SDK)
+RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
+EXAMPLES := $(VENV)/.installed-examples
+NODE_EXAMPLES := examples/node/node_modules/.package-lock.json
 
-.PHONY: demo test lint bench sim clean fuzz fuzz-money soak
+.PHONY: demo test examples bench sim clean fuzz fuzz-money soak
 
-$(STAMP): pyproject.toml
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,postgres,redis]'
-	touch $(STAMP)
 
-demo: $(STAMP)  ## gateway + simulator on embedded defaults; prints a key and a curl
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,postgres,redis]'
+	touch $@
+
+$(EXAMPLES): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[test,examples]'
+	touch $@
+
+$(NODE_EXAMPLES): examples/node/package-lock.json
+	cd examples/node && npm ci --no-audit --no-fund
+
+demo: $(RUNTIME)  ## gateway + simulator on embedded defaults; prints a key, a curl, a CLI command
 	$(BIN)/bastion demo
 
-sim: $(STAMP)
+sim: $(RUNTIME)
 	$(BIN)/bastion sim
 
 test: $(STAMP)  ## the whole suite (lint, Python tests, JavaScript examples)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+examples: $(EXAMPLES) $(NODE_EXAMPLES)  ## all six client examples (examples/) against a test gateway
+	BASTION_ALL_EXAMPLES=1 $(BIN)/pytest tests/test_client_examples.py
 
 fuzz: $(STAMP)  ## property-based fuzzing of client input, 5,000 fresh examples per endpoint
 	BASTION_FUZZ_EXAMPLES=$${BASTION_FUZZ_EXAMPLES:-5000} $(BIN)/pytest tests/test_fuzz_requests.py tests/test_fuzz_upstream.py -x -q
@@ -39,4 +60,4 @@ soak: $(STAMP)  ## 30-minute soak of one gateway (bench/soak.py); e.g. make soak
 	$(BIN)/python -m bench.soak $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache examples/node/node_modules
