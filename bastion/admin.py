@@ -15,6 +15,7 @@ from __future__ import annotations
 import hmac
 import logging
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -22,26 +23,42 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bastion.app import Gateway, _error, _json
+from bastion.app import Gateway, error_response, json_response
 from bastion.audit import run_audit
+from bastion.config import Config
 from bastion.errors import APIError, invalid
 from bastion.money import MoneyError, parse_usd
-from bastion.store import Conflict, NotFound, StoreError
+from bastion.periods import RESETS
+from bastion.store import UNCHANGED, Conflict, NotFound, StoreError
+from bastion.store.idempotency import KeyReused, check_key
 from bastion.views import (
+    USAGE_GROUPS,
+    USAGE_TOTALS,
     account_json,
+    check_models,
+    csv_text,
     key_json,
+    ledger_fields,
     ledger_json,
     new_account_json,
     new_key_json,
+    parse_expiry,
+    parse_group_by,
     parse_since,
     refusal_json,
+    usage_totals_json,
 )
 
 log = logging.getLogger("bastion.admin")
 
 PREFIX = "/admin/v1"
 
+KEY_CONTROLS = ("limit", "limit_reset", "expires_at", "models")
+"""A key's fields besides its rate limits, in POST /keys and PATCH /keys/{id}."""
+
 Handler = Callable[[web.Request], Awaitable[Any]]
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
 
 # `since=…+01:00` typed into a URL unencoded arrives with the `+` decoded to a space.
 _SPACE_OFFSET = re.compile(r"^(.*\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$")
@@ -54,6 +71,7 @@ def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
         ("POST", "/accounts", admin.create_account, 201),
         ("GET", "/accounts", admin.list_accounts, 200),
         ("GET", "/accounts/{name}", admin.show_account, 200),
+        ("PATCH", "/accounts/{name}", admin.update_account, 200),
         ("POST", "/accounts/{name}/credit", admin.credit_account, 200),
         ("POST", "/keys", admin.create_key, 201),
         ("GET", "/keys", admin.list_keys, 200),
@@ -89,9 +107,9 @@ class Admin:
             except APIError as exc:
                 if exc.status == 401:
                     exc.headers.setdefault("www-authenticate", 'Bearer realm="bastion-admin"')
-                return _error(exc, request_id)
+                return error_response(exc, request_id)
             except StoreError as exc:  # a store call no handler expected to refuse
-                return _error(_store_error(exc), request_id)
+                return error_response(_store_error(exc), request_id)
             except Exception:  # the store is down or broken: still an OpenAI error object
                 log.exception("admin %s %s failed (%s)", request.method, request.path, request_id)
                 failure = APIError(
@@ -100,10 +118,13 @@ class Admin:
                     f"The admin operation failed; see the gateway log for {request_id}.",
                     type="server_error",
                 )
-                return _error(failure, request_id)
+                return error_response(failure, request_id)
             if request.method != "GET":
                 log.info("admin %s %s -> %d (%s)", request.method, request.path, status, request_id)
-            return _json(result, request_id, status)
+            if isinstance(result, web.Response):  # made by the handler (CSV, a replay)
+                result.headers["x-request-id"] = request_id
+                return result
+            return json_response(result, request_id, status)
 
         return run
 
@@ -161,27 +182,92 @@ class Admin:
             raise _store_error(exc) from None
         return account_json(account)
 
+    async def update_account(self, request: web.Request) -> Any:
+        """The balance alert: ``{"alert_below": "5.00"}`` sets it, ``null`` turns it off."""
+        body = await self.body(request, ("alert_below",))
+        if "alert_below" not in body:
+            raise invalid(
+                "Nothing to change: send 'alert_below' (USD as a decimal string, or null: off)."
+            )
+        alert = None if body["alert_below"] is None else _amount(body, "alert_below")
+        try:
+            account = await self.store.update_account(
+                request.match_info["name"], alert_below=alert
+            )
+        except StoreError as exc:
+            raise _store_error(exc, "alert_below") from None
+        return account_json(account)
+
     async def credit_account(self, request: web.Request) -> Any:
+        """With an ``Idempotency-Key`` header a repeat of the same top-up is not applied
+        again: it gets the first answer, marked ``idempotent-replayed: true``."""
         body = await self.body(request, ("amount",))
         amount = _amount(body, "amount")
+        key = request.headers.get(IDEMPOTENCY_KEY)
         try:
-            account = await self.store.credit_account(request.match_info["name"], amount)
+            check_key(key)
+        except StoreError as exc:
+            raise invalid(f"{IDEMPOTENCY_KEY}: {exc}.", IDEMPOTENCY_KEY) from None
+        try:
+            account = await self.store.credit_account(request.match_info["name"], amount, key)
+        except KeyReused as exc:
+            raise APIError(409, "idempotency_key_reused", str(exc), IDEMPOTENCY_KEY) from None
         except StoreError as exc:
             raise _store_error(exc, "amount") from None
+        if account.replayed:
+            return web.Response(
+                body=orjson.dumps(account_json(account)),
+                content_type="application/json",
+                headers={"idempotent-replayed": "true"},
+            )
         return account_json(account)
 
     # ---- keys --------------------------------------------------------------------
     async def create_key(self, request: web.Request) -> Any:
-        body = await self.body(request, ("account", "name", "rpm", "tpm"))
+        body = await self.body(request, ("account", "name", "rpm", "tpm", *KEY_CONTROLS))
         account = _string(body, "account", required=True)
         label = _string(body, "name", required=False)
         rpm = _limit(body, "rpm", nullable=True)
         tpm = _limit(body, "tpm", nullable=True)
+        controls = self.key_controls(body)
+        expires_at = controls.get("expires_at")
+        if isinstance(expires_at, int) and expires_at <= time.time_ns() // 1000:
+            raise invalid("'expires_at' is in the past: the key could never be used.", "expires_at")
         try:
-            key, plaintext = await self.store.create_key(account, label, rpm, tpm)
+            key, plaintext = await self.store.create_key(
+                account,
+                label,
+                rpm,
+                tpm,
+                spend_limit=controls.get("spend_limit"),
+                limit_reset=controls.get("limit_reset") or "never",
+                expires_at=expires_at,
+                models=controls.get("models"),
+            )
         except StoreError as exc:
             raise _store_error(exc, "account") from None
         return new_key_json(key, plaintext, self.config)
+
+    def key_controls(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The spend limit, reset period, expiry and model list sent, as the store takes
+        them (``spend_limit`` for ``limit``); a field not sent is absent from the result."""
+        controls: dict[str, Any] = {}
+        if "limit" in body:
+            limit = None if body["limit"] is None else _amount(body, "limit")
+            if limit is not None and limit < 0:
+                raise invalid("'limit' must not be negative (\"0\": the key may spend nothing).",
+                              "limit")  # fmt: skip
+            controls["spend_limit"] = limit
+        if "limit_reset" in body:
+            reset = body["limit_reset"]
+            if reset not in RESETS:
+                raise invalid(f"'limit_reset' must be one of {', '.join(RESETS)}.", "limit_reset")
+            controls["limit_reset"] = reset
+        if "expires_at" in body:
+            controls["expires_at"] = None if body["expires_at"] is None else _expiry(body)
+        if "models" in body:
+            controls["models"] = _models(body, self.config)
+        return controls
 
     async def list_keys(self, request: web.Request) -> Any:
         account = _query(request, ("account",)).get("account")
@@ -192,13 +278,26 @@ class Admin:
         return [key_json(k, self.config) for k in keys]
 
     async def update_key(self, request: web.Request) -> Any:
-        body = await self.body(request, ("rpm", "tpm"))
+        """Only the fields sent change; null clears ``limit``, ``expires_at`` and ``models``."""
+        body = await self.body(request, ("rpm", "tpm", *KEY_CONTROLS))
         if not body:
-            raise invalid("Nothing to change: send 'rpm' and/or 'tpm' (0 = unlimited).")
+            raise invalid(
+                "Nothing to change: send 'rpm', 'tpm' (0 = unlimited), 'limit', 'limit_reset',"
+                " 'expires_at' or 'models'."
+            )
         rpm = _limit(body, "rpm", nullable=False)
         tpm = _limit(body, "tpm", nullable=False)
+        controls = self.key_controls(body)
         try:
-            key = await self.store.update_key(request.match_info["id"], rpm=rpm, tpm=tpm)
+            key = await self.store.update_key(
+                request.match_info["id"],
+                rpm=rpm,
+                tpm=tpm,
+                spend_limit=controls.get("spend_limit", UNCHANGED),
+                limit_reset=controls.get("limit_reset"),
+                expires_at=controls.get("expires_at", UNCHANGED),
+                models=controls.get("models", UNCHANGED),
+            )
         except StoreError as exc:
             raise _store_error(exc) from None
         return key_json(key, self.config)
@@ -213,14 +312,38 @@ class Admin:
 
     # ---- usage -------------------------------------------------------------------
     async def usage(self, request: web.Request) -> Any:
-        query = _query(request, ("account", "since"))
-        since_us = _time(query, "since")
+        """Ledger rows, or with ``group_by`` totals per group (``bastion usage --json``);
+        ``format=csv`` gives the same as ``--csv``."""
+        query = _query(request, ("account", "key", "since", "until", "group_by", "format"))
+        since_us, until_us = _time(query, "since"), _time(query, "until")
+        account, key_id = query.get("account"), query.get("key")
+        groups: list[str] = []
+        if "group_by" in query:
+            try:
+                groups = parse_group_by(query["group_by"])
+            except ValueError as exc:
+                raise invalid(f"'group_by': {exc}.", "group_by") from None
+        form = query.get("format", "json")
+        if form not in ("json", "csv"):
+            raise invalid("'format' must be json or csv.", "format")
         try:
-            rows = await self.store.usage(query.get("account"), since_us)
-        except StoreError as exc:
-            raise _store_error(exc, "account") from None
+            if groups:
+                found = await self.store.usage_totals(groups, account, key_id, since_us, until_us)
+            else:
+                rows = await self.store.usage(account, since_us, until_us, key_id)
+        except NotFound as exc:  # "no account named …" or "no key with id …"
+            param = "key" if str(exc).startswith("no key") else "account"
+            raise APIError(404, "not_found", str(exc), param) from None
         names = {a.id: a.name for a in await self.store.list_accounts()}
-        return [ledger_json(r, names) for r in rows]
+        if groups:
+            items = usage_totals_json(found, groups, names)
+            fields = [USAGE_GROUPS[g] for g in groups] + list(USAGE_TOTALS)
+        else:
+            items = [ledger_json(r, names) for r in rows]
+            fields = ledger_fields()
+        if form == "csv":
+            return web.Response(text=csv_text(items, fields), content_type="text/csv")
+        return items
 
     async def refusals(self, request: web.Request) -> Any:
         """401/402/403/429 counts per account, key and code (``bastion refusals --json``)."""
@@ -305,6 +428,30 @@ def _limit(body: dict[str, Any], field: str, *, nullable: bool) -> int | None:
         hint = "" if nullable else "; omit it to leave it unchanged"
         raise invalid(f"'{field}' must be an integer ≥ 0 (0 = unlimited){hint}.", field)
     return value
+
+
+def _expiry(body: dict[str, Any]) -> int:
+    """``expires_at``: an ISO 8601 string (naive = UTC) -> µs since epoch."""
+    value = body["expires_at"]
+    if not isinstance(value, str):
+        raise invalid("'expires_at' must be an ISO 8601 time string, or null.", "expires_at")
+    try:
+        return parse_expiry(value)
+    except ValueError as exc:
+        raise invalid(f"'expires_at': {exc}.", "expires_at") from None
+
+
+def _models(body: dict[str, Any], config: Config) -> frozenset[str] | None:
+    """``models``: a list of the config's model ids, or null for every model."""
+    value = body["models"]
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise invalid("'models' must be a list of model ids, or null (every model).", "models")
+    try:
+        return check_models(value, config)
+    except ValueError as exc:
+        raise invalid(f"'models': {exc}.", "models") from None
 
 
 def _store_error(exc: StoreError, param: str | None = None) -> APIError:

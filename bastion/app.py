@@ -1,9 +1,10 @@
 """The gateway: HTTP handlers, and the hot path that reads top to bottom.
 
-A POST goes auth → body → model → rate limit → credit → upstream (the order docs/api.md gives),
-then settles: the reservation becomes the actual cost, a ledger row is queued for
-the next group commit, unused tokens go back to the limiter. Nothing on this path
-waits on the database: keys and leased credit are in memory, refreshed in the background.
+A POST goes auth → body → model → rate limit → key spend limit → credit → upstream (the
+order docs/api.md gives), then settles: the reservations become the actual cost, a ledger
+row is queued for the next group commit, unused tokens go back to the limiter. Nothing
+on this path waits on the database: keys, leased credit and leased key budgets are in
+memory, refreshed in the background.
 """
 
 from __future__ import annotations
@@ -14,24 +15,30 @@ import gc
 import logging
 import os
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 import orjson
 from aiohttp import web
 
 from bastion.auth import KeyTable, well_formed
 from bastion.bodyguard import BodyGuard
+from bastion.cachesalt import CacheSalts
 from bastion.config import Config, ModelConfig
-from bastion.credit import CreditBook, Reservation
+from bastion.credit import Bucket, CreditBook, Reservation
 from bastion.errors import APIError
 from bastion.ledger import LedgerWriter
 from bastion.metering import NUMBER_TOKENS, Usage, estimate_input, input_bound, plausible
 from bastion.metrics import Metrics
 from bastion.money import cost_nanos, format_usd
+from bastion.periods import period_end, period_start
 from bastion.ratelimit import Decision, open_limiter
 from bastion.refusals import COUNTED, RefusalCollector, RefusalCounter
 from bastion.relay import Call, Relay
 from bastion.store import ApiKey, LedgerRow, open_store
+from bastion.store.outbox import KEY_LIMIT_REACHED
 from bastion.validation import ClientRequest, parse
+from bastion.webhooks.sender import webhook_sender
 
 log = logging.getLogger("bastion")
 
@@ -49,6 +56,9 @@ class Gateway:
         self.keys = KeyTable()
         self.book = CreditBook(self.store)
         self.book.on_distrust = self.end_streams
+        self.now_us: Callable[[], int] = _now_us  # the clock of spend-limit periods and rows
+        self.limit_events: dict[str, int] = {}  # key id -> period of its last key.limit_reached
+        self._background: set[asyncio.Task[None]] = set()
         self.writer = LedgerWriter(
             self.store,
             self.book,
@@ -66,12 +76,14 @@ class Gateway:
             max_event_bytes=config.server.max_event_bytes,
         )
         self.guard = BodyGuard(config.server.max_json_containers)
+        self.cache_salt = CacheSalts(config.server.cache_salt_secret)  # cache_isolation models
         self.metrics = Metrics(self.relay.pool, self.limiter)
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
         self.metrics.book = self.book
         self.metrics.writer = self.writer
         self.refusals = RefusalCounter(self.store, config.refresh_interval_s)
         self.metrics.registry.register(RefusalCollector(self.refusals))
+        self.webhooks = webhook_sender(self.store, config.webhooks, self.metrics.registry)
         # streams in flight: to end if their lease is given up, to checkpoint for crashes
         self.streams: dict[Call, tuple[ApiKey, ClientRequest]] = {}
         self._refused_log = 0.0
@@ -86,6 +98,8 @@ class Gateway:
         await self.relay.start()
         await self.writer.start()
         self.refusals.start()
+        if self.webhooks is not None:
+            self.webhooks.start()
         # Start-up objects (modules, config, keys) live as long as the process: out of
         # the collector's sight, and young collections rarer, they cost no pauses.
         gc.collect()
@@ -116,6 +130,8 @@ class Gateway:
         self.guard.close()
         await self.writer.close()
         await self.refusals.close()
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.relay.close()
         await self.limiter.close()
         await self.store.close()
@@ -134,13 +150,13 @@ class Gateway:
         self.metrics.in_flight += 1
         try:
             if self.draining:
-                raise _DRAINING
+                raise _draining()
             key = self.authenticate(request)
             raw = await self.read_body(request)
             if len(raw) > self.guard.max_containers:  # else it cannot hold that many
                 await self.guard.check(raw)
             req = parse(raw, endpoint)
-            model = self.resolve(req.model, endpoint)
+            model = self.resolve(req.model, endpoint, key)
             cap = self.output_cap(req, model)
             bound = input_bound(req.body, req.items, self.config.metering, model.image_tokens)
             worst_tokens = bound + cap * req.n
@@ -152,13 +168,13 @@ class Gateway:
             limited = True
             worst_cost = cost_nanos(bound, cap * req.n, model.input_price, model.output_price)
             try:
-                reservation = await self.reserve(key.account_id, worst_cost)
-                if reservation is None:
-                    raise self.insufficient(key, worst_cost, bound, cap, endpoint)
+                reservation = await self.reserve(key, worst_cost, bound, cap, endpoint)
             except APIError:  # refused: the tokens admitted above were never used
                 self.limiter.refund(key.id, tpm, worst_tokens)
                 raise
-            call = self.prepare(request_id, endpoint, req, model, cap, bound, headers)
+            call = self.prepare(
+                request_id, endpoint, req, model, cap, bound, headers, key.account_id
+            )
             call.epoch = reservation.epoch
             if call.stream:
                 self.streams[call] = (key, req)
@@ -229,6 +245,9 @@ class Gateway:
         if key.revoked:
             self.refusals.count(401, "invalid_api_key", key.account_id, key.account_name, key.id)
             raise APIError(401, "invalid_api_key", f"This API key has been revoked: {key.prefix}…")
+        if key.expires_at is not None and key.expires_at <= time.time_ns() // 1000:
+            self.refusals.count(401, "invalid_api_key", key.account_id, key.account_name, key.id)
+            raise APIError(401, "invalid_api_key", "This API key has expired.")
         return key
 
     async def read_body(self, request: web.Request) -> bytes:
@@ -240,13 +259,23 @@ class Gateway:
         except web.HTTPRequestEntityTooLarge:
             raise _too_large(limit) from None
 
-    def resolve(self, name: str, endpoint: str) -> ModelConfig:
+    def resolve(self, name: str, endpoint: str, key: ApiKey) -> ModelConfig:
+        """The model asked for: unknown is 400; not on the key's allow-list is 403, checked
+        before the endpoint, so a key learns nothing about a model it may not use."""
         model = self.config.models.get(name)
         if model is None:
             raise APIError(
                 400,
                 "model_not_found",
                 f"The model '{name}' does not exist. GET /v1/models lists the models you can use.",
+                "model",
+            )
+        if key.models is not None and name not in key.models:
+            raise APIError(
+                403,
+                "model_not_allowed",
+                f"This API key may not use the model '{name}'. GET /v1/models lists the models"
+                " it can use.",
                 "model",
             )
         if endpoint not in model.endpoints:
@@ -297,9 +326,37 @@ class Gateway:
             )
         return decision
 
-    async def reserve(self, account_id: str, amount: int) -> Reservation | None:
+    async def reserve(
+        self, key: ApiKey, amount: int, bound: int, cap: int, endpoint: str
+    ) -> Reservation:
+        """Hold the worst case against the key's spend limit (if it has one) for the period
+        it is admitted in, then against the account's credit; a refusal by either is a 402.
+        If the account's hold is not had (refused, store down, client gone), the key's
+        goes back."""
+        budget = None
+        if key.spend_limit is not None:
+            bucket = (key.id, period_start(key.limit_reset, self.now_us()))
+            self.book.limit(bucket, key.spend_limit)
+            budget = await self.hold(bucket, amount)
+            if budget is None:
+                self.limit_reached(key, bucket[1])
+                raise self.key_limit_exceeded(key, bucket, amount, bound, cap, endpoint)
         try:
-            return await self.book.reserve(account_id, amount)
+            reservation = await self.hold(key.account_id, amount)
+            if reservation is None:
+                raise self.insufficient(key, amount, bound, cap, endpoint)
+        except BaseException:
+            if budget is not None:
+                self.book.release(budget)
+            raise
+        reservation.key = budget
+        return reservation
+
+    async def hold(self, bucket: Bucket, amount: int) -> Reservation | None:
+        """Hold ``amount`` in an account's credit or a key's budget for a period; None if
+        it does not fit, 503 if the store cannot confirm what is leased."""
+        try:
+            return await self.book.reserve(bucket, amount)
         except Exception as exc:  # StoreUnavailable, or the store failed to grant a lease
             if time.monotonic() - self._refused_log > 10:  # a line per 10 s, not per request
                 self._refused_log = time.monotonic()
@@ -325,6 +382,54 @@ class Gateway:
             f"Add credit, or send a lower '{field}'.",
         )
 
+    def key_limit_exceeded(
+        self, key: ApiKey, bucket: tuple[str, int], needed: int, bound: int, cap: int, endpoint: str
+    ) -> APIError:
+        limit = key.spend_limit or 0
+        left = min(self.book.available(bucket), limit)
+        field = "max_output_tokens" if endpoint == "responses" else "max_completion_tokens"
+        every = "" if key.limit_reset == "never" else f" {key.limit_reset}"
+        end = period_end(key.limit_reset, bucket[1])
+        resets = "It does not reset." if end is None else f"The limit resets at {_iso(end)}."
+        return APIError(
+            402,
+            "key_limit_exceeded",
+            f"Key spend limit reached: ${format_usd(left)} of this key's ${format_usd(limit)}"
+            f"{every} limit is left, this request needs up to ${format_usd(needed)} (input ≤"
+            f" {bound} tokens, output cap {cap} tokens). {resets} Send a lower '{field}', or"
+            " ask the account owner to raise the limit.",
+            field,
+        )
+
+    def limit_reached(self, key: ApiKey, period: int) -> None:
+        """Record the ``key.limit_reached`` webhook event once per key and period, off the
+        request path. Its id is made from both, so replicas refusing the same key record
+        one event between them."""
+        if self.limit_events.get(key.id) == period:
+            return
+        self.limit_events[key.id] = period
+        end = period_end(key.limit_reset, period)
+        data = {
+            "key_id": key.id,
+            "account": key.account_name,
+            "account_id": key.account_id,
+            "limit": format_usd(key.spend_limit or 0),
+            "limit_reset": key.limit_reset,
+            "period_start": _iso(period),
+            "resets_at": None if end is None else _iso(end),
+        }
+
+        async def record() -> None:
+            try:
+                await self.store.add_event(f"evt_limit_{key.id}_{period}", KEY_LIMIT_REACHED, data)
+            except Exception as exc:  # the store is down: the next refusal tries again
+                self.limit_events.pop(key.id, None)
+                log.warning("key.limit_reached for %s not recorded: %s", key.id, exc)
+
+        task = asyncio.create_task(record())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     def prepare(
         self,
         request_id: str,
@@ -334,12 +439,16 @@ class Gateway:
         cap: int,
         bound: int,
         headers: dict[str, str],
+        account_id: str,
     ) -> Call:
         """The upstream body: the client's, except the model/cap/usage changes docs/api.md lists."""
         body = req.body
         changed = False
         if model.renamed:
             body["model"] = model.upstream_model
+            changed = True
+        if model.cache_isolation != "none":  # the account's own salt: never the client's
+            body["cache_salt"] = self.cache_salt(account_id)
             changed = True
         if req.cap is None:
             body[req.cap_field] = cap
@@ -397,25 +506,26 @@ class Gateway:
         model = call.model
         cost = model.cost(usage)
         leased = self.book.settle(reservation, cost)
-        self.writer.append(
-            LedgerRow(
-                request_id=call.request_id,
-                account_id=key.account_id,
-                key_id=key.id,
-                model=model.id,
-                endpoint=endpoint,
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cost=cost,
-                estimated=usage.estimated,
-                status=call.status,
-                created_at=int(time.time() * 1_000_000),
-                cached_input_tokens=usage.cached_tokens,
-                reasoning_tokens=usage.reasoning_tokens,
-                leased=leased,
-            ),
-            reservation.epoch,
+        row = LedgerRow(
+            request_id=call.request_id,
+            account_id=key.account_id,
+            key_id=key.id,
+            model=model.id,
+            endpoint=endpoint,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+            cost=cost,
+            estimated=usage.estimated,
+            status=call.status,
+            created_at=self.now_us(),
+            cached_input_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            leased=leased,
         )
+        if reservation.key is not None:  # the key's spend limit: the period it was admitted in
+            row.key_period = reservation.key.bucket[1]
+            row.key_leased = self.book.settle(reservation.key, cost)
+        self.writer.append(row, reservation.epoch)
         self.limiter.refund(key.id, tpm, worst_tokens - usage.input_tokens - usage.output_tokens)
         m.requests[endpoint, call.status] += 1
         m.tokens[model.id, "input"] += usage.input_tokens
@@ -484,9 +594,10 @@ class Gateway:
     async def models(self, request: web.Request) -> web.Response:
         request_id = new_request_id()
         try:
-            self.authenticate(request)
+            key = self.authenticate(request)
         except APIError as exc:
-            return _error(exc, request_id)
+            return error_response(exc, request_id)
+        allowed = key.models
         data = [
             {
                 "id": m.id,
@@ -496,11 +607,12 @@ class Gateway:
                 "endpoints": [_ENDPOINT_PATHS[e] for e in _ENDPOINT_ORDER if e in m.endpoints],
             }
             for m in self.config.models.values()
+            if allowed is None or m.id in allowed
         ]
-        return _json({"object": "list", "data": data}, request_id)
+        return json_response({"object": "list", "data": data}, request_id)
 
     async def stored(self, request: web.Request) -> web.Response:
-        return _error(
+        return error_response(
             APIError(
                 404,
                 "not_found",
@@ -511,7 +623,7 @@ class Gateway:
         )
 
     async def not_found(self, request: web.Request) -> web.Response:
-        return _error(
+        return error_response(
             APIError(
                 404,
                 "not_found",
@@ -521,17 +633,17 @@ class Gateway:
         )
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return _json({"status": "ok"}, new_request_id())
+        return json_response({"status": "ok"}, new_request_id())
 
     async def readyz(self, request: web.Request) -> web.Response:
         if self.draining:
-            return _json({"status": "draining"}, new_request_id(), 503)
+            return json_response({"status": "draining"}, new_request_id(), 503)
         checked, ok = self._ready
         if time.monotonic() - checked > 2.0:
             ok = await self._check_ready()
             self._ready = (time.monotonic(), ok)
         body = {"status": "ready" if ok else "not ready"}
-        return _json(body, new_request_id(), 200 if ok else 503)
+        return json_response(body, new_request_id(), 200 if ok else 503)
 
     async def _check_ready(self) -> bool:
         try:
@@ -551,16 +663,27 @@ class Gateway:
         )
 
 
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _iso(us: int) -> str:
+    """µs since the epoch as UTC ISO 8601, to the second: 2026-12-06T00:00:00Z."""
+    return datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()
 
 
-_DRAINING = APIError(
-    503,
-    "service_unavailable",
-    "This gateway is shutting down; retry (another replica will answer).",
-    type="server_error",
-)
+def _draining() -> APIError:
+    """A fresh error each time: one shared instance would grow its traceback per raise."""
+    return APIError(
+        503,
+        "service_unavailable",
+        "This gateway is shutting down; retry (another replica will answer).",
+        type="server_error",
+    )
 
 
 def _over_tpm(
@@ -600,7 +723,7 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, "request_too_large", f"The request body is over {limit} bytes.")
 
 
-def _json(obj: object, request_id: str, status: int = 200) -> web.Response:
+def json_response(obj: object, request_id: str, status: int = 200) -> web.Response:
     return web.Response(
         body=orjson.dumps(obj),
         status=status,
@@ -609,7 +732,7 @@ def _json(obj: object, request_id: str, status: int = 200) -> web.Response:
     )
 
 
-def _error(exc: APIError, request_id: str) -> web.Response:
+def error_response(exc: APIError, request_id: str) -> web.Response:
     return web.Response(
         body=exc.body(),
         status=exc.status,
@@ -644,6 +767,9 @@ def create_app(config: Config, replicas: int = 1, seat: str = "") -> web.Applica
     r.add_get("/healthz", gateway.healthz)
     r.add_get("/readyz", gateway.readyz)
     r.add_get("/metrics", gateway.metrics_endpoint)
+    from bastion.selfservice import add_selfservice_routes  # it imports this module
+
+    add_selfservice_routes(app, gateway)
     if config.admin_token:
         from bastion.admin import add_admin_routes
 

@@ -10,9 +10,14 @@ customer, so the invariant checked is, per account:
     Σ live leases ≤ balance
 
 plus every dead letter: a request that was served but whose ledger row the store
-refused, so it is missing from the books. All figures come from one snapshot
-(``Store.audit_data``), so a gateway writing the ledger meanwhile cannot make a
-consistent database look broken.
+refused, so it is missing from the books. Per key with a spend limit, per period:
+
+    spent = seeded + Σ cost of the ledger rows counted in the period,  over_limit = 0
+
+``over_limit`` is spend past the key's limit that no lease backed (a gateway cut off
+from the store settled it): recorded in full, and reported, since the limit promised
+it could not happen. All figures come from one snapshot (``Store.audit_data``), so a
+gateway writing the ledger meanwhile cannot make a consistent database look broken.
 
 Uncharged money and estimated rows are shown but are not problems: they are
 served-but-not-collected money and costs the upstream never reported, both already
@@ -21,10 +26,11 @@ visible in the ledger, not discrepancies in it.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from bastion.money import format_usd
-from bastion.store import Account, AuditData, NotFound, Store
+from bastion.store import Account, AuditData, KeyBudget, NotFound, Store
 
 
 async def run_audit(store: Store, account: str | None = None) -> dict[str, Any]:
@@ -42,7 +48,10 @@ async def run_audit(store: Store, account: str | None = None) -> dict[str, Any]:
         if not accounts:
             raise NotFound(f"no account named {account!r}")
 
-    reports = [_account_report(a, data) for a in accounts]
+    budgets: dict[str, list[KeyBudget]] = {}
+    for budget in data.key_budgets:
+        budgets.setdefault(budget.account_id, []).append(budget)
+    reports = [_account_report(a, data, budgets.get(a.id, [])) for a in accounts]
     known = {a.id for a in data.accounts}
     orphans = [d for d in data.dead_letters if d[1] not in known] if account is None else []
     problems = [
@@ -66,7 +75,7 @@ def problem_count(report: dict[str, Any]) -> int:
     return len(report["problems"]) + sum(len(a["problems"]) for a in report["accounts"])
 
 
-def _account_report(account: Account, data: AuditData) -> dict[str, Any]:
+def _account_report(account: Account, data: AuditData, budgets: list[KeyBudget]) -> dict[str, Any]:
     """One account's figures as recorded and as recomputed, and what disagrees."""
     credits = data.grants.get(account.id, 0)
     rows, cost, uncharged, estimated = data.ledger.get(account.id, (0, 0, 0, 0))
@@ -111,6 +120,8 @@ def _account_report(account: Account, data: AuditData) -> dict[str, Any]:
             " account cannot pay for; look at the leases table (a lease written by hand, or"
             " a balance lowered outside Bastion)"
         )
+    for budget in budgets:
+        problems += _budget_problems(budget)
     for request_id, error in dead:
         problems.append(
             f"request {request_id} was served but has no ledger row (the store refused it:"
@@ -133,3 +144,30 @@ def _account_report(account: Account, data: AuditData) -> dict[str, Any]:
         "dead_letters": len(dead),
         "problems": problems,
     }
+
+
+def _budget_problems(budget: KeyBudget) -> list[str]:
+    """What disagrees in one key's spend-limit budget for one period."""
+    since = datetime.fromtimestamp(budget.period_start // 1_000_000, UTC)
+    period = "for all time" if budget.period_start == 0 else f"since {since:%Y-%m-%dT%H:%M:%SZ}"
+    key = f"key {budget.key_id} ({period})"
+    problems = []
+    expected = budget.seeded + budget.ledger
+    if budget.spent != expected:
+        gap = budget.spent - expected
+        problems.append(
+            f"{key}: its budget says {format_usd(budget.spent)} USD spent, but the ledger"
+            f" rows counted in the period come to {format_usd(budget.ledger)} USD (plus"
+            f" {format_usd(budget.seeded)} USD the budget opened with):"
+            f" {format_usd(abs(gap))} USD {'too much' if gap > 0 else 'too little'}. The"
+            " key_budgets table or ledger rows were changed outside Bastion"
+        )
+    if budget.over_limit:
+        problems.append(
+            f"{key}: spent {format_usd(budget.over_limit)} USD past its spend limit. A gateway"
+            " cut off from the store settled costs its lease on the key's budget no longer"
+            " backed; they are recorded in full and were collected from the account as"
+            " usual. Look for gateways that lost their leases then (their log, and"
+            " bastion_credit_leases_given_up_total)"
+        )
+    return problems

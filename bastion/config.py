@@ -1,4 +1,4 @@
-"""Configuration: one TOML file (SPEC §3) over embedded defaults, then env overrides.
+"""Configuration: one TOML file (docs/operations.md) over embedded defaults, then env overrides.
 
 Everything is parsed once into frozen dataclasses; prices become integer
 nano-dollars per 1M tokens here so that nothing downstream sees a decimal string.
@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 
 ENDPOINTS = ("responses", "chat")
 
+CACHE_ISOLATION = ("none", "account")
+"""``models[].cache_isolation``: share the upstream's prefix cache, or salt it per account."""
+
+MIN_SALT_SECRET = 32
+
 DEFAULT_SOURCE = "built-in default"
 """``Config.database_source`` when neither a config file nor the environment set the URL."""
 
@@ -38,6 +43,7 @@ class ServerConfig:
     max_json_containers: int = 20_000  # objects + arrays in one body (bastion/bodyguard.py)
     client_write_timeout_s: float = 60.0  # a client that reads nothing this long is cut off
     max_event_bytes: int = 8 * 1024 * 1024  # one upstream SSE event; past it the stream ends
+    cache_salt_secret: str = field(default="", repr=False)  # HMAC key of per-account cache_salt
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,17 @@ class MeteringConfig:
     base_tokens: int = 256
     item_tokens: int = 16
     image_tokens: int = 4096  # per media part, for models that set no ``image_tokens``
+
+
+@dataclass(frozen=True)
+class WebhooksConfig:
+    """Where events are POSTed (bastion/webhooks/); an empty url turns delivery off."""
+
+    url: str = ""
+    secret: str = field(default="", repr=False)  # the HMAC key of the signature header
+    timeout_s: float = 10.0  # one delivery attempt, connect to response
+    max_age_s: float = 259_200.0  # 3 days: an event still undelivered then is given up
+    poll_interval_s: float = 1.0  # how often each gateway looks for events due
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,7 @@ class ModelConfig:
     max_output_tokens: int
     cached_input_price: int = -1  # -1: the input price
     image_tokens: int = 0  # input bound per image/file/audio/video part; 0: [metering]'s
+    cache_isolation: str = "none"  # "account": upstream prefix cache salted per account
 
     @property
     def renamed(self) -> bool:
@@ -100,6 +118,7 @@ class Config:
     database_url: str = "sqlite:///bastion.db"
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     metering: MeteringConfig = field(default_factory=MeteringConfig)
+    webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     admin_token: str = ""
@@ -134,8 +153,12 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         source = "BASTION_DATABASE_URL"
     if url := env.get("BASTION_REDIS_URL"):
         data.setdefault("ratelimit", {})["url"] = url
+    if secret := env.get("BASTION_WEBHOOKS_SECRET"):
+        data.setdefault("webhooks", {})["secret"] = secret
     if token := env.get("BASTION_ADMIN_TOKEN"):
         data.setdefault("admin", {})["token"] = token
+    if salt_secret := env.get("BASTION_CACHE_SALT_SECRET"):
+        data.setdefault("server", {})["cache_salt_secret"] = salt_secret
     return replace(parse_config(data), database_source=source)
 
 
@@ -152,8 +175,14 @@ def _merge(base: dict[str, Any], user: dict[str, Any]) -> dict[str, Any]:
 
 def parse_config(data: dict[str, Any]) -> Config:
     server = _section(data, "server", ServerConfig)
+    if server.cache_salt_secret and len(server.cache_salt_secret) < MIN_SALT_SECRET:
+        raise ConfigError(
+            f"server.cache_salt_secret must be at least {MIN_SALT_SECRET} characters"
+            " (e.g. the output of: openssl rand -base64 32)"
+        )
     ratelimit = _section(data, "ratelimit", RateLimitConfig)
     metering = _section(data, "metering", MeteringConfig)
+    webhooks = _webhooks(_section(data, "webhooks", WebhooksConfig))
     upstreams: dict[str, UpstreamConfig] = {}
     for i, raw in enumerate(data.get("upstreams", [])):
         up = _build(UpstreamConfig, raw, f"upstreams[{i}]")
@@ -175,6 +204,7 @@ def parse_config(data: dict[str, Any]) -> Config:
                 max_output_tokens=int(raw.pop("max_output_tokens")),
                 cached_input_price=_price_or_unset(raw.pop("cached_input_price", None)),
                 image_tokens=int(raw.pop("image_tokens", metering.image_tokens)),
+                cache_isolation=str(raw.pop("cache_isolation", "none")),
             )
         except KeyError as exc:
             raise ConfigError(f"{models_key}: missing {exc.args[0]}") from None
@@ -203,6 +233,7 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise ConfigError(f"{models_key}.upstreams: no upstream named {missing}")
         if model.max_output_tokens < 1:
             raise ConfigError(f"{models_key}.max_output_tokens must be positive")
+        _cache_isolation(model, models_key, server)
         models[model.id] = model
     db = data.get("database", {})
     admin = data.get("admin", {})
@@ -211,6 +242,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         database_url=str(db.get("url", Config.database_url)),
         ratelimit=ratelimit,
         metering=metering,
+        webhooks=webhooks,
         upstreams=upstreams,
         models=models,
         admin_token=str(admin.get("token", "")),
@@ -249,6 +281,38 @@ def _lease_ttl(value: Any) -> float:
     if not 2.0 <= ttl <= 3600.0:
         raise ConfigError(f"lease_ttl_s must be between 2 and 3600 seconds, got {value!r}")
     return ttl
+
+
+def _webhooks(hooks: WebhooksConfig) -> WebhooksConfig:
+    """A url needs a secret: an unsigned event could be forged by anyone who finds the url."""
+    if not hooks.url:
+        return hooks
+    if not hooks.url.startswith(("http://", "https://")):
+        raise ConfigError(f"webhooks.url must be http(s)://…, got {hooks.url!r}")
+    if not hooks.secret:
+        raise ConfigError(
+            "webhooks.url is set but webhooks.secret is empty: set a secret (or"
+            " BASTION_WEBHOOKS_SECRET) so receivers can verify the bastion-signature header"
+        )
+    for name in ("timeout_s", "max_age_s", "poll_interval_s"):
+        if getattr(hooks, name) <= 0:
+            raise ConfigError(f"webhooks.{name} must be positive")
+    return hooks
+
+
+def _cache_isolation(model: ModelConfig, where: str, server: ServerConfig) -> None:
+    """Refused rather than derived: a salt secret made up here would differ between
+    replicas (one tenant, several caches) or be guessable (no isolation at all)."""
+    if model.cache_isolation not in CACHE_ISOLATION:
+        raise ConfigError(
+            f"{where}.cache_isolation must be 'none' or 'account', got {model.cache_isolation!r}"
+        )
+    if model.cache_isolation == "account" and not server.cache_salt_secret:
+        raise ConfigError(
+            f"{where}.cache_isolation is 'account' but server.cache_salt_secret is not set:"
+            " set it (or BASTION_CACHE_SALT_SECRET) to the same random value on every replica,"
+            " e.g. the output of: openssl rand -base64 32"
+        )
 
 
 def _price_or_unset(value: Any) -> int:

@@ -24,6 +24,13 @@ a balance never goes below zero.
 Doubt. When the book and the store may disagree about a lease (a grant whose answer
 was lost, a release that failed), the account is marked and the ledger writer
 ``resync``s it: both sides take the smaller value, so no credit stays stranded.
+
+Key spend limits. What is left of a key's limit in one period is leased exactly like
+an account's credit (``store/migrations/0008_key_budgets.sql``), so the book holds
+both kinds of *bucket*: an account id, or a (key id, period start) pair. A request of
+a key with a limit holds its worst case in the key's bucket first, then in the
+account's (``Reservation.key``); top-ups, idle release, resync, trust and distrust
+treat both alike, under the same gateway identity.
 """
 
 from __future__ import annotations
@@ -44,15 +51,20 @@ IDLE_RELEASE_S = 2.0  # an account unused this long gives its free lease back
 GROW_ROUNDS = 3  # lease grants one waiting request may ask for before it is refused
 
 
+Bucket = str | tuple[str, int]
+"""What a lease is on: an account id, or (key id, period start) for a key's spend limit."""
+
+
 class StoreUnavailable(Exception):
     """Credit cannot be confirmed: the store has not answered a heartbeat for too long."""
 
 
 @dataclass(slots=True)
 class Reservation:
-    account_id: str
+    bucket: Bucket
     amount: int
     epoch: int  # the lease generation it was taken from (see ``CreditBook.distrust``)
+    key: Reservation | None = None  # the same worst case, held in the key's budget
 
 
 def new_gateway_id() -> str:
@@ -63,113 +75,146 @@ class CreditBook:
     def __init__(self, store: Store, gateway_id: str | None = None) -> None:
         self.store = store
         self.gateway_id = gateway_id or new_gateway_id()
-        self.lease: dict[str, int] = {}
-        self.pending: dict[str, int] = {}
-        self.reserved: dict[str, int] = {}
-        self.unleased: dict[str, int] = {}  # last seen, for 402 messages
-        self.last_used: dict[str, float] = {}
-        self.peak: dict[str, int] = {}  # most in use (reserved + pending) since the last top-up
+        self.lease: dict[Bucket, int] = {}
+        self.pending: dict[Bucket, int] = {}
+        self.reserved: dict[Bucket, int] = {}
+        self.unleased: dict[Bucket, int] = {}  # last seen, for 402 messages
+        self.last_used: dict[Bucket, float] = {}
+        self.peak: dict[Bucket, int] = {}  # most in use (reserved + pending) since the last top-up
+        self.limits: dict[Bucket, int] = {}  # a key bucket's limit as last seen (``limit``)
+        self.returning: dict[Bucket, int] = {}  # free lease to give back at the next refresh
         self.trusted_until = 0.0
         self.distrusted = False
         self.epoch = 0
         self.retired: list[str] = []  # identities whose leases go back when the store answers
-        self.doubtful: set[str] = set()  # accounts whose lease the store may see otherwise
+        self.doubtful: set[Bucket] = set()  # buckets whose lease the store may see otherwise
         self.on_distrust: Callable[[str], None] = lambda why: None
         self.waits = 0  # requests that waited for a lease grant (metric)
         self.topups = 0  # background top-ups (metric)
         self.distrusts = 0  # times the leases were given up (metric)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[Bucket, asyncio.Lock] = {}
 
-    def free(self, account_id: str) -> int:
+    def free(self, bucket: Bucket) -> int:
         return (
-            self.lease.get(account_id, 0)
-            - self.pending.get(account_id, 0)
-            - self.reserved.get(account_id, 0)
+            self.lease.get(bucket, 0) - self.pending.get(bucket, 0) - self.reserved.get(bucket, 0)
         )
 
-    def available(self, account_id: str) -> int:
-        """What the account could still spend: our free lease + what nobody has leased."""
-        return max(0, self.free(account_id)) + self.unleased.get(account_id, 0)
+    def available(self, bucket: Bucket) -> int:
+        """What the account (or key) could still spend: our free lease + what nobody leased."""
+        return max(0, self.free(bucket)) + self.unleased.get(bucket, 0)
 
     @property
     def trusted(self) -> bool:
         return time.monotonic() <= self.trusted_until
 
-    async def reserve(self, account_id: str, amount: int) -> Reservation | None:
-        """Hold ``amount`` for a request, or None if the account cannot cover it."""
+    async def reserve(self, bucket: Bucket, amount: int) -> Reservation | None:
+        """Hold ``amount`` for a request, or None if the account (or key) cannot cover it."""
         now = time.monotonic()
         if now > self.trusted_until:
             self.distrust("the credit store has not answered a heartbeat in time")
             raise StoreUnavailable
-        self.last_used[account_id] = now
-        if amount <= self.free(account_id):
-            return self._take(account_id, amount)
+        self.last_used[bucket] = now
+        if amount <= self.free(bucket):
+            return self._take(bucket, amount)
         self.waits += 1
-        epoch = self.epoch
-        async with self._lock(account_id):
+        # Waiting on the store, or behind a top-up that is, ends with trust: a store that
+        # stopped answering refuses the request (503) when the leases could not be used
+        # anyway, not after its own connection and command timeouts.
+        try:
+            async with asyncio.timeout(max(0.0, self.trusted_until - now)):
+                return await self._reserve_waiting(bucket, amount, self.epoch)
+        except TimeoutError:
+            raise StoreUnavailable from None
+
+    async def _reserve_waiting(self, bucket: Bucket, amount: int, epoch: int) -> Reservation | None:
+        async with self._lock(bucket):
             # Requests admitted on the fast path meanwhile may take what a grant brought:
             # grow again while the store still has unleased credit (a few rounds at most)
             for round_ in range(GROW_ROUNDS):
-                missing = amount - self.free(account_id)
-                if missing <= 0 or (round_ and self.unleased.get(account_id) == 0):
+                missing = amount - self.free(bucket)
+                if missing <= 0 or (round_ and self.unleased.get(bucket) == 0):
                     break  # it fits, or the store has nothing more to lease
-                headroom = max(HEADROOM * amount, self.in_use(account_id))
-                await self._grow(account_id, missing + headroom)
+                headroom = max(HEADROOM * amount, self.in_use(bucket))
+                await self._grow(bucket, missing + headroom)
                 if self.epoch != epoch:
                     raise StoreUnavailable  # the leases were given up while we waited
-            if amount <= self.free(account_id):
-                return self._take(account_id, amount)
+            if amount <= self.free(bucket):
+                return self._take(bucket, amount)
         return None
 
-    def in_use(self, account_id: str) -> int:
-        return self.reserved.get(account_id, 0) + self.pending.get(account_id, 0)
+    def limit(self, bucket: Bucket, limit: int) -> None:
+        """A key's spend limit as this gateway sees it now. Lowered: the free part of the
+        bucket's lease goes back at the next refresh, so that admission follows the new
+        limit within seconds (the store grants only against it); requests in flight keep
+        what they hold."""
+        seen = self.limits.get(bucket)
+        if seen == limit:
+            return
+        self.limits[bucket] = limit
+        if seen is not None and limit < seen and (free := self.free(bucket)) > 0:
+            _add(self.lease, bucket, -free)
+            _add(self.returning, bucket, free)
+
+    def in_use(self, bucket: Bucket) -> int:
+        return self.reserved.get(bucket, 0) + self.pending.get(bucket, 0)
 
     async def top_up(self) -> None:
         """Grow the lease of every busy account whose free part fell below its recent peak.
 
         Runs in the writer task, so requests find credit already leased."""
-        for account_id, peak in list(self.peak.items()):
-            self.peak[account_id] = self.in_use(account_id)
-            free = self.free(account_id)
-            lock = self._locks.get(account_id)
+        for bucket, peak in list(self.peak.items()):
+            self.peak[bucket] = self.in_use(bucket)
+            free = self.free(bucket)
+            lock = self._locks.get(bucket)
             if free >= peak or (lock is not None and lock.locked()):
                 continue  # enough headroom, or a request is growing it right now
-            if self.unleased.get(account_id) == 0:
+            if self.unleased.get(bucket) == 0:
                 continue  # nothing left to lease: a request that needs more will ask
-            async with self._lock(account_id):
-                await self._grow(account_id, 2 * peak - free)
+            async with self._lock(bucket):
+                await self._grow(bucket, 2 * peak - free)
             self.topups += 1
 
-    async def _grow(self, account_id: str, want: int) -> None:
+    async def _grow(self, bucket: Bucket, want: int) -> None:
         """Lease more. Shielded: a caller that leaves mid-grant must not strand the grant."""
         epoch, gateway_id = self.epoch, self.gateway_id
 
         async def grant() -> None:
             try:
-                granted, unleased = await self.store.lease(gateway_id, account_id, want)
+                if isinstance(bucket, str):
+                    granted, unleased = await self.store.lease(gateway_id, bucket, want)
+                else:
+                    granted, unleased = await self.store.lease_key(gateway_id, *bucket, want)
             except BaseException:
-                self.doubtful.add(account_id)  # it may have been granted all the same
+                self.doubtful.add(bucket)  # it may have been granted all the same
                 raise
             if self.epoch == epoch:  # else the old identity's leases are being given back
-                self.lease[account_id] = self.lease.get(account_id, 0) + granted
-                self.unleased[account_id] = unleased
+                self.lease[bucket] = self.lease.get(bucket, 0) + granted
+                self.unleased[bucket] = unleased
 
-        await asyncio.shield(asyncio.ensure_future(grant()))
+        task = asyncio.ensure_future(grant())
+        task.add_done_callback(_seen)  # a caller gone at the trust deadline never awaits it
+        await asyncio.shield(task)
 
-    def _lock(self, account_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(account_id, asyncio.Lock())
+    def _lock(self, bucket: Bucket) -> asyncio.Lock:
+        return self._locks.setdefault(bucket, asyncio.Lock())
 
-    def _take(self, account_id: str, amount: int) -> Reservation:
-        reserved = self.reserved.get(account_id, 0) + amount
-        self.reserved[account_id] = reserved
-        in_use = reserved + self.pending.get(account_id, 0)
-        if in_use > self.peak.get(account_id, 0):
-            self.peak[account_id] = in_use
-        return Reservation(account_id, amount, self.epoch)
+    def _take(self, bucket: Bucket, amount: int) -> Reservation:
+        reserved = self.reserved.get(bucket, 0) + amount
+        self.reserved[bucket] = reserved
+        in_use = reserved + self.pending.get(bucket, 0)
+        if in_use > self.peak.get(bucket, 0):
+            self.peak[bucket] = in_use
+        return Reservation(bucket, amount, self.epoch)
 
     def release(self, reservation: Reservation) -> None:
+        """Give the hold back whole (the key budget's with it): nothing was spent."""
+        self._unhold(reservation)
+        if reservation.key is not None:
+            self._unhold(reservation.key)
+
+    def _unhold(self, reservation: Reservation) -> None:
         if reservation.epoch == self.epoch:
-            _add(self.reserved, reservation.account_id, -reservation.amount)
+            _add(self.reserved, reservation.bucket, -reservation.amount)
         reservation.amount = 0
 
     def settle(self, reservation: Reservation, cost: int) -> int:
@@ -182,69 +227,68 @@ class CreditBook:
         if reservation.epoch != self.epoch:
             reservation.amount = 0
             return 0
-        account_id = reservation.account_id
-        self.release(reservation)
-        leased = max(0, min(cost, self.free(account_id)))
-        _add(self.pending, account_id, leased)
+        bucket = reservation.bucket
+        self._unhold(reservation)
+        leased = max(0, min(cost, self.free(bucket)))
+        _add(self.pending, bucket, leased)
         return leased
 
     def written(
         self, sent: list[LedgerRow], stored: list[LedgerRow], refused: Sequence[LedgerRow] = ()
     ) -> None:
-        """Rows are durable: what each took from our lease has left the lease and pending.
+        """Rows are durable: what each took from our leases has left the leases and pending.
 
-        ``sent`` is what the writer sent (``leased`` = the part we counted as pending),
-        ``stored`` what the store wrote (``leased`` = what it took from the lease). A
-        difference means the store's lease is not what we think: the account is resynced.
-        ``refused`` rows (dead letters) took nothing: what they held goes back to free.
+        ``sent`` is what the writer sent (``leased``, ``key_leased`` = the parts we counted
+        as pending), ``stored`` what the store wrote (the same fields = what it took from
+        the leases). A difference means the store's lease is not what we think: the
+        bucket is resynced. ``refused`` rows (dead letters) took nothing: what they held
+        goes back to free.
         """
-        for row in refused:
-            _add(self.pending, row.account_id, -row.leased)
-        counted: dict[str, int] = {}
-        for row in sent:
-            if row.leased:
-                counted[row.account_id] = counted.get(row.account_id, 0) + row.leased
-        taken: dict[str, int] = {}
-        for row in stored:
-            if row.leased:
-                taken[row.account_id] = taken.get(row.account_id, 0) + row.leased
-        for account_id, amount in counted.items():
-            _add(self.pending, account_id, -amount)
-            took = taken.pop(account_id, 0)
-            _add(self.lease, account_id, -took)
+        for bucket, amount in _leased(refused).items():
+            _add(self.pending, bucket, -amount)
+        taken = _leased(stored)
+        for bucket, amount in _leased(sent).items():
+            _add(self.pending, bucket, -amount)
+            took = taken.pop(bucket, 0)
+            _add(self.lease, bucket, -took)
             if took != amount:
-                self.doubtful.add(account_id)
-        for account_id in taken:  # taken from a lease we did not count on: cannot be
-            self.doubtful.add(account_id)
+                self.doubtful.add(bucket)
+        for bucket in taken:  # taken from a lease we did not count on: cannot be
+            self.doubtful.add(bucket)
 
-    def idle(self) -> dict[str, int]:
-        """Take the free lease of accounts unused for a while out of the book."""
+    def idle(self) -> dict[Bucket, int]:
+        """Take the free lease of buckets unused for a while (and any lease a lowered key
+        limit gave back) out of the book, for the store to have back."""
         cutoff = time.monotonic() - IDLE_RELEASE_S
-        amounts = {}
-        for account_id, used in list(self.last_used.items()):
-            if used < cutoff and (free := self.free(account_id)) > 0:
-                amounts[account_id] = free
-                _add(self.lease, account_id, -free)
+        amounts, self.returning = self.returning, {}
+        for bucket, used in list(self.last_used.items()):
+            if used < cutoff and (free := self.free(bucket)) > 0:
+                _add(amounts, bucket, free)
+                _add(self.lease, bucket, -free)
             if used < cutoff:
-                self.peak.pop(account_id, None)  # no top-ups for an idle account
-            if used < cutoff and not self.lease.get(account_id):
-                del self.last_used[account_id]
-                self._locks.pop(account_id, None)
+                self.peak.pop(bucket, None)  # no top-ups for an idle bucket
+            if used < cutoff and not self.lease.get(bucket):
+                del self.last_used[bucket]
+                self._locks.pop(bucket, None)
+                self.limits.pop(bucket, None)
         return amounts
 
     async def resync(self) -> None:
         """Agree with the store on every doubtful lease: both keep the smaller value.
 
         Runs in the writer task between commits, so no ledger write moves the lease
-        meanwhile; the account's lock keeps grants out."""
-        for account_id in list(self.doubtful):
-            async with self._lock(account_id):
+        meanwhile; the bucket's lock keeps grants out."""
+        for bucket in list(self.doubtful):
+            async with self._lock(bucket):
                 epoch = self.epoch
-                mine = self.lease.get(account_id, 0)
-                agreed = await self.store.sync_lease(self.gateway_id, account_id, mine)
+                mine = self.lease.get(bucket, 0)
+                if isinstance(bucket, str):
+                    agreed = await self.store.sync_lease(self.gateway_id, bucket, mine)
+                else:
+                    agreed = await self.store.sync_key_lease(self.gateway_id, *bucket, mine)
                 if self.epoch == epoch:
-                    _add(self.lease, account_id, agreed - mine)
-                self.doubtful.discard(account_id)
+                    _add(self.lease, bucket, agreed - mine)
+                self.doubtful.discard(bucket)
 
     def holds_leases(self) -> bool:
         return bool(self.lease or self.pending or self.reserved)
@@ -267,13 +311,46 @@ class CreditBook:
         self.trusted_until = 0.0
         for table in (self.lease, self.pending, self.reserved, self.peak, self.unleased):
             table.clear()
+        self.limits.clear()
+        self.returning.clear()  # part of the old identity's leases, which all go back
         self.doubtful.clear()
         self.on_distrust(why)
 
 
-def _add(table: dict[str, int], key: str, delta: int) -> None:
+def split(amounts: dict[Bucket, int]) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """Amounts per bucket as (per account, per key budget): the store keeps them apart."""
+    accounts: dict[str, int] = {}
+    keys: dict[tuple[str, int], int] = {}
+    for bucket, amount in amounts.items():
+        if isinstance(bucket, str):
+            accounts[bucket] = amount
+        else:
+            keys[bucket] = amount
+    return accounts, keys
+
+
+def _leased(rows: Sequence[LedgerRow]) -> dict[Bucket, int]:
+    """Σ the leased parts of the rows' costs, per bucket: ``leased`` of the account's
+    lease, ``key_leased`` of the key budget's (rows with a ``key_period``)."""
+    total: dict[Bucket, int] = {}
+    for row in rows:
+        if row.leased:
+            total[row.account_id] = total.get(row.account_id, 0) + row.leased
+        if row.key_leased and row.key_period is not None:
+            bucket = (row.key_id, row.key_period)
+            total[bucket] = total.get(bucket, 0) + row.key_leased
+    return total
+
+
+def _add(table: dict[Bucket, int], key: Bucket, delta: int) -> None:
     value = table.get(key, 0) + delta
     if value:
         table[key] = value
     else:
         table.pop(key, None)
+
+
+def _seen(task: asyncio.Future[None]) -> None:
+    """Retrieve a shielded grant's failure: it is handled (the bucket is marked doubtful)."""
+    if not task.cancelled():
+        task.exception()

@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
-from bastion.credit import CreditBook
+from bastion.credit import CreditBook, split
 from bastion.money import format_usd
 from bastion.store import LEASE_TTL_US, LedgerRow, RowRejected, Store
 
@@ -118,7 +118,7 @@ class LedgerWriter:
         entries, self.queue = self.queue, []
         epoch, gateway_id = self.book.epoch, self.book.gateway_id
         # rows settled under leases since given up are backed by no lease
-        sent = [row if e == epoch else replace(row, leased=0) for row, e in entries]
+        sent = [row if e == epoch else replace(row, leased=0, key_leased=0) for row, e in entries]
         refused: list[LedgerRow] = []
         try:
             stored = await self.store.write_ledger(sent, gateway_id)
@@ -194,8 +194,10 @@ class LedgerWriter:
             )  # fmt: skip
         await self.refresh_keys()
         if idle := book.idle():
+            accounts, keys = split(idle)
             try:
-                await self.store.release(book.gateway_id, idle)
+                await self.store.release(book.gateway_id, accounts)
+                await self.store.release_keys(book.gateway_id, keys)
             except BaseException:
                 book.doubtful.update(idle)  # released or not: resync says which
                 raise

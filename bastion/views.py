@@ -7,12 +7,15 @@ string in USD, times as ISO 8601 UTC with a ``Z``, exact to the microsecond.
 
 from __future__ import annotations
 
+import csv
+import io
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bastion.config import Config
 from bastion.money import format_usd
-from bastion.store import Account, ApiKey, LedgerRow, Refusal
+from bastion.store import Account, ApiKey, LedgerRow, Refusal, UsageTotal
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -51,7 +54,8 @@ def new_account_json(account: Account) -> dict[str, Any]:
 
 
 def account_json(account: Account) -> dict[str, Any]:
-    """``spent`` is what was collected; ``uncharged`` what was served but never collected."""
+    """``spent`` is what was collected; ``uncharged`` what was served but never collected;
+    ``alert_below`` the balance alert of the webhooks (null: off)."""
     return {
         "id": account.id,
         "name": account.name,
@@ -59,6 +63,7 @@ def account_json(account: Account) -> dict[str, Any]:
         "reserved": format_usd(account.reserved),
         "spent": format_usd(account.spent),
         "uncharged": format_usd(account.uncharged),
+        "alert_below": None if account.alert_below is None else format_usd(account.alert_below),
     }
 
 
@@ -72,6 +77,7 @@ def new_key_json(key: ApiKey, plaintext: str, config: Config) -> dict[str, Any]:
         "name": key.name,
         "rpm": rpm,
         "tpm": tpm,
+        **key_controls(key),
     }
 
 
@@ -87,9 +93,44 @@ def key_json(key: ApiKey, config: Config) -> dict[str, Any]:
         "tpm": tpm,
         "rpm_default": key.rpm is None,
         "tpm_default": key.tpm is None,
+        **key_controls(key),
         "revoked": key.revoked,
         "created_at": iso_time(key.created_at),
     }
+
+
+def key_controls(key: ApiKey) -> dict[str, Any]:
+    """Spend limit (USD per ``limit_reset`` period), expiry and model allow-list; null: none."""
+    return {
+        "limit": None if key.spend_limit is None else format_usd(key.spend_limit),
+        "limit_reset": key.limit_reset,
+        "expires_at": None if key.expires_at is None else iso_time(key.expires_at),
+        "models": None if key.models is None else sorted(key.models),
+    }
+
+
+def parse_expiry(text: str) -> int:
+    """An expiry time, ISO 8601 (naive = UTC) -> µs since epoch; ValueError says why."""
+    try:
+        return parse_since(text)
+    except ValueError:
+        raise ValueError(
+            f"not an ISO 8601 time: {text!r} (e.g. 2026-01-31T00:00:00Z); 'none' clears it"
+        ) from None
+
+
+def check_models(names: Iterable[str], config: Config) -> frozenset[str]:
+    """A model allow-list, every name in the config's catalogue, so a typo is refused
+    here rather than found later as a key that cannot reach the model it was made for."""
+    wanted = frozenset(name.strip() for name in names if name.strip())
+    if not wanted:
+        raise ValueError("name at least one model ('all' / null allows every model)")
+    unknown = sorted(wanted - config.models.keys())
+    if unknown:
+        listed = ", ".join(repr(name) for name in unknown)
+        known = ", ".join(config.models) or "none"
+        raise ValueError(f"unknown model {listed}: the config's models are {known}")
+    return wanted
 
 
 def ledger_json(row: LedgerRow, names: dict[str, str]) -> dict[str, Any]:
@@ -102,6 +143,14 @@ def ledger_json(row: LedgerRow, names: dict[str, str]) -> dict[str, Any]:
         "request_id": row.request_id,
         "account": names.get(row.account_id, row.account_id),
         "key_id": row.key_id,
+        **row_fields(row),
+    }
+
+
+def row_fields(row: LedgerRow) -> dict[str, Any]:
+    """What one request cost, as every view of a ledger row shows it (the admin API, the
+    CLI, and the key holder's ``GET /v1/generation``)."""
+    return {
         "model": row.model,
         "endpoint": row.endpoint,
         "input_tokens": row.input_tokens,
@@ -126,3 +175,71 @@ def refusal_json(row: Refusal, names: dict[str, str]) -> dict[str, Any]:
         "count": row.count,
         "last_at": iso_time(row.last_at),
     }
+
+
+USAGE_GROUPS = {"day": "day", "model": "model", "key": "key_id", "account": "account"}
+"""What usage totals may be grouped by (``--group-by``, ``group_by=``), and the field
+each one is in the JSON: ``key`` is ``key_id``, as in a ledger row."""
+
+USAGE_TOTALS = ("requests", "input_tokens", "cached_input_tokens", "output_tokens", "cost",
+                "uncharged")  # fmt: skip
+
+
+def parse_group_by(text: str) -> list[str]:
+    """``day,model``: known fields, each once, in the order given; ValueError says why."""
+    fields = [f.strip() for f in text.split(",") if f.strip()]
+    if not fields:
+        raise ValueError(f"name at least one of {', '.join(USAGE_GROUPS)}")
+    for field in fields:
+        if field not in USAGE_GROUPS:
+            raise ValueError(f"unknown field {field!r}: use {', '.join(USAGE_GROUPS)}")
+        if fields.count(field) > 1:
+            raise ValueError(f"{field!r} is named twice")
+    return fields
+
+
+def usage_totals_json(
+    totals: Iterable[UsageTotal], group_by: Sequence[str], names: dict[str, str]
+) -> list[dict[str, Any]]:
+    """Totals per group: the group's fields first (day ``YYYY-MM-DD`` UTC, account by name,
+    key by id), then the sums; sorted by the group's fields as shown."""
+    out = []
+    for t in totals:
+        group = {
+            "day": None if t.day is None else iso_time(t.day)[:10],
+            "model": t.model,
+            "key_id": t.key_id,
+            "account": names.get(t.account_id or "", t.account_id),
+        }
+        sums = {
+            "requests": t.requests,
+            "input_tokens": t.input_tokens,
+            "cached_input_tokens": t.cached_input_tokens,
+            "output_tokens": t.output_tokens,
+            "cost": format_usd(t.cost),
+            "uncharged": format_usd(t.uncharged),
+        }
+        out.append({USAGE_GROUPS[g]: group[USAGE_GROUPS[g]] for g in group_by} | sums)
+    return sorted(out, key=lambda item: [item[USAGE_GROUPS[g]] for g in group_by])
+
+
+def ledger_fields() -> list[str]:
+    """The fields of ``ledger_json``, in order: a CSV header even when no row matched."""
+    return list(ledger_json(LedgerRow("", "", "", "", "", 0, 0, 0, False, "", 0), {}))
+
+
+def csv_text(items: Iterable[dict[str, Any]], fields: Sequence[str]) -> str:
+    """The JSON objects as CSV (RFC 4180: a header line, CRLF): the same fields and values,
+    booleans as ``true``/``false``, null as an empty cell."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(fields)
+    for item in items:
+        writer.writerow([_cell(item[f]) for f in fields])
+    return buffer.getvalue()
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)

@@ -91,6 +91,7 @@ refresh_interval_s = 0.2
 host = "127.0.0.1"
 port = {port}
 max_body_bytes = 1_000_000
+cache_salt_secret = "{salt_secret}"
 
 [database]
 url = "sqlite:///{db}"
@@ -160,8 +161,19 @@ upstreams = ["dead"]
 input_price = "1.00"
 output_price = "2.00"
 max_output_tokens = 1024
+
+[[models]]
+id = "isolated"
+endpoints = ["responses", "chat"]
+upstreams = ["sim"]
+input_price = "1.00"
+output_price = "2.00"
+max_output_tokens = 1024
+cache_isolation = "account"
 {faults}
 """
+
+CACHE_SALT_SECRET = "test-cache-salt-secret-0123456789abcdef"
 
 FAULT_MODEL = """
 [[models]]
@@ -189,9 +201,15 @@ class Gateway:
         return asyncio.run(coro)
 
     def new_key(
-        self, credit: str = "10.00", rpm: int | None = None, tpm: int | None = None
+        self,
+        credit: str = "10.00",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        **fields: object,
     ) -> tuple[str, str]:
-        """A fresh account with ``credit`` USD and a key for it, once the gateway knows it."""
+        """A fresh account with ``credit`` USD and a key for it, once the gateway knows it.
+
+        ``fields``: more of ``Store.create_key``'s keyword arguments (``models=…``)."""
         name = "acct-" + uuid.uuid4().hex[:10]
 
         async def make() -> str:
@@ -199,7 +217,7 @@ class Gateway:
             try:
                 await store.migrate()
                 await store.create_account(name, parse_usd(credit))
-                _, key = await store.create_key(name, name="test", rpm=rpm, tpm=tpm)
+                _, key = await store.create_key(name, name="test", rpm=rpm, tpm=tpm, **fields)
                 return key
             finally:
                 await store.close()
@@ -259,7 +277,13 @@ def gateway(
     config = tmp / "bastion.toml"
     config.write_text(
         GATEWAY_TOML.format(
-            port=port, db=db, sim=sim_port, slow=slow_sim_port, dead=free_port(), faults=faults
+            port=port,
+            db=db,
+            sim=sim_port,
+            slow=slow_sim_port,
+            dead=free_port(),
+            faults=faults,
+            salt_secret=CACHE_SALT_SECRET,
         )
     )
     env = {**os.environ, "BASTION_ADMIN_TOKEN": "test-admin-token"}

@@ -28,6 +28,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from conftest import Gateway, free_port, start, stop
 
 from bastion.admin import add_admin_routes
+from bastion.views import iso_time
 
 TOKEN = "test-admin-token"
 PROPAGATION_S = 5.0
@@ -92,6 +93,18 @@ def chat(client: openai.OpenAI) -> str:
     return request_id
 
 
+def cli_text(gateway: Gateway, *args: str) -> str:
+    """The CLI's standard output against the same database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bastion", *args, "--config", str(gateway.config_path)],
+        capture_output=True,  # bytes: CSV lines end in CRLF, kept as sent
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.decode()
+
+
 def cli_json(gateway: Gateway, *args: str) -> Any:
     """The CLI's --json answer against the same database, for shape comparisons."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BASTION_")}
@@ -115,7 +128,10 @@ def test_round_trip_with_the_sdk(gateway: Gateway, admin: httpx.Client) -> None:
     assert created["id"].startswith("acct_")
 
     made = ok(admin.post("/keys", json={"account": name, "name": "ci"}), 201)
-    assert set(made) == {"id", "key", "account", "name", "rpm", "tpm"}
+    assert set(made) == {
+        "id", "key", "account", "name", "rpm", "tpm", "limit", "limit_reset", "expires_at",
+        "models",
+    }  # fmt: skip
     assert made["key"].startswith("qbt_") and made["account"] == name and made["name"] == "ci"
     assert (made["rpm"], made["tpm"]) == (100000, 100000000)  # the config defaults
     client = sdk(gateway, made["key"])
@@ -134,7 +150,7 @@ def test_round_trip_with_the_sdk(gateway: Gateway, admin: httpx.Client) -> None:
     # top-up and take-back: balance = grants − Σ ledger costs, to the nano-dollar
     ok(admin.post(f"/accounts/{name}/credit", json={"amount": "2.50"}))
     after = ok(admin.post(f"/accounts/{name}/credit", json={"amount": "-0.50"}))
-    assert set(after) == {"id", "name", "balance", "reserved", "spent", "uncharged"}
+    assert set(after) == {"id", "name", "balance", "reserved", "spent", "uncharged", "alert_below"}
 
     # limit change: rpm 1 lets one request through per window, then 429
     patched = ok(admin.patch(f"/keys/{made['id']}", json={"rpm": 1}))
@@ -211,6 +227,41 @@ def test_shapes_are_the_clis(gateway: Gateway, admin: httpx.Client) -> None:
     assert [a["name"] for a in everyone] == sorted(a["name"] for a in everyone)
 
 
+def test_patch_sets_and_clears_the_balance_alert(admin: httpx.Client) -> None:
+    name = new_name()
+    ok(admin.post("/accounts", json={"name": name, "credit": "10"}), 201)
+    patched = ok(admin.patch(f"/accounts/{name}", json={"alert_below": "5.00"}))
+    assert (patched["name"], patched["balance"], patched["alert_below"]) == (name, "10.00", "5.00")
+    assert ok(admin.get(f"/accounts/{name}")) == patched
+    assert ok(admin.patch(f"/accounts/{name}", json={"alert_below": "0.000000001"}))[
+        "alert_below"
+    ] == "0.000000001"
+    assert ok(admin.patch(f"/accounts/{name}", json={"alert_below": None}))["alert_below"] is None
+
+
+def test_bad_alert_patches(admin: httpx.Client) -> None:
+    name = new_name()
+    ok(admin.post("/accounts", json={"name": name}), 201)
+    assert "Nothing to change" in refused(admin.patch(f"/accounts/{name}", json={}), 400,
+                                          "invalid_request")  # fmt: skip
+    for value in (5, 5.0, True):  # floats are not money
+        refused(
+            admin.patch(f"/accounts/{name}", json={"alert_below": value}),
+            400, "invalid_request", "alert_below",
+        )  # fmt: skip
+    for text in ("0", "-1", "five"):
+        refused(
+            admin.patch(f"/accounts/{name}", json={"alert_below": text}),
+            400, "invalid_request", "alert_below",
+        )  # fmt: skip
+    refused(
+        admin.patch(f"/accounts/{name}", json={"alert_below": "1", "balance": "9"}),
+        400, "invalid_request", "balance",
+    )  # fmt: skip
+    refused(admin.patch(f"/accounts/{name}-ghost", json={"alert_below": "1"}), 404, "not_found")
+    assert ok(admin.get(f"/accounts/{name}"))["alert_below"] is None
+
+
 def test_audit_of_a_served_account(gateway: Gateway, admin: httpx.Client) -> None:
     """Books written by the gateway itself add up; the report is ``bastion audit``'s."""
     key, name = gateway.new_key(credit="5.00")
@@ -261,6 +312,66 @@ def test_key_limits_at_creation(admin: httpx.Client) -> None:
     assert set(listed) <= {k["id"] for k in ok(admin.get("/keys"))}
 
 
+def test_key_limit_expiry_and_models_set_and_cleared(admin: httpx.Client) -> None:
+    name = new_name()
+    ok(admin.post("/accounts", json={"name": name}), 201)
+    made = ok(admin.post("/keys", json={
+        "account": name, "limit": "5", "limit_reset": "monthly",
+        "expires_at": "2100-01-01T00:00:00+02:00", "models": ["gpt-oss-120b", "alias"],
+    }), 201)  # fmt: skip
+    assert (made["limit"], made["limit_reset"]) == ("5.00", "monthly")
+    assert made["expires_at"] == "2099-12-31T22:00:00.000000Z"
+    assert made["models"] == ["alias", "gpt-oss-120b"]
+    plain = ok(admin.post("/keys", json={"account": name}), 201)
+    assert (plain["limit"], plain["limit_reset"], plain["expires_at"], plain["models"]) == (
+        None, "never", None, None,
+    )  # fmt: skip
+
+    path = f"/keys/{made['id']}"
+    changed = ok(admin.patch(path, json={"limit": "0.50", "limit_reset": "daily"}))
+    assert (changed["limit"], changed["limit_reset"], changed["models"]) == (
+        "0.50", "daily", ["alias", "gpt-oss-120b"],
+    )  # fmt: skip
+    cleared = ok(admin.patch(path, json={"limit": None, "expires_at": None, "models": None}))
+    assert (cleared["limit"], cleared["expires_at"], cleared["models"]) == (None, None, None)
+    assert cleared["limit_reset"] == "daily"  # not sent: unchanged
+    listed = {k["id"]: k for k in ok(admin.get("/keys", params={"account": name}))}
+    assert listed[made["id"]] == cleared
+
+
+def test_an_expiry_patched_in_ends_a_live_key(gateway: Gateway, admin: httpx.Client) -> None:
+    key, name = gateway.new_key()
+    key_id = ok(admin.get("/keys", params={"account": name}))[0]["id"]
+    ok(admin.patch(f"/keys/{key_id}", json={"expires_at": "2000-01-01T00:00:00Z"}))
+    gateway.wait_for_key(key, present=False, timeout=PROPAGATION_S)
+
+
+def test_bad_key_controls(admin: httpx.Client, account: str) -> None:
+    for body, param in [
+        ({"limit": 5}, "limit"),  # floats and numbers are not money
+        ({"limit": "-1"}, "limit"),
+        ({"limit": "lots"}, "limit"),
+        ({"limit_reset": "hourly"}, "limit_reset"),
+        ({"limit_reset": None}, "limit_reset"),
+        ({"expires_at": "tomorrow"}, "expires_at"),
+        ({"expires_at": 4102444800}, "expires_at"),
+        ({"expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),  # in the past: never usable
+        ({"models": "gpt-oss-120b"}, "models"),
+        ({"models": []}, "models"),
+        ({"models": ["gpt-oss-120b", "gpt-5-turbo-ultra"]}, "models"),
+    ]:
+        message = refused(admin.post("/keys", json={"account": account, **body}), 400,
+                          "invalid_request", param)  # fmt: skip
+        if body == {"models": ["gpt-oss-120b", "gpt-5-turbo-ultra"]}:
+            assert "'gpt-5-turbo-ultra'" in message and "gpt-oss-120b" in message
+    assert ok(admin.get("/keys", params={"account": account})) == []
+    made = ok(admin.post("/keys", json={"account": account}), 201)
+    refused(admin.patch(f"/keys/{made['id']}", json={"models": ["nope"]}), 400,
+            "invalid_request", "models")  # fmt: skip
+    [key] = ok(admin.get("/keys", params={"account": account}))
+    assert key["models"] is None
+
+
 def test_names_are_path_segments(admin: httpx.Client) -> None:
     """Any account name is reachable: percent-encode it (a '/' too) in the path."""
     name = f"café {uuid.uuid4().hex[:6]}/west"
@@ -282,6 +393,39 @@ def test_usage_since(gateway: Gateway, admin: httpx.Client) -> None:
     assert [r["request_id"] for r in ok(admin.get(raw))] == [request_id]
     everything = ok(admin.get("/usage"))
     assert request_id in {r["request_id"] for r in everything}
+
+
+def test_usage_reports_are_the_clis(gateway: Gateway, admin: httpx.Client) -> None:
+    """key/until filters, group_by totals and format=csv answer what ``bastion usage`` prints."""
+    key, name = gateway.new_key()
+    client = sdk(gateway, key)
+    first, second = chat(client), chat(client)
+    [row, _] = gateway.settled(name, 2)
+    params = {"account": name, "key": row.key_id}
+    assert [r["request_id"] for r in ok(admin.get("/usage", params=params))] == [first, second]
+    until = ok(admin.get("/usage", params={**params, "until": iso_time(row.created_at + 1)}))
+    assert [r["request_id"] for r in until] == [first]
+
+    grouped = {**params, "group_by": "day,model,key,account"}
+    cli = ("usage", "--account", name, "--key", row.key_id, "--group-by", grouped["group_by"])
+    totals = ok(admin.get("/usage", params=grouped))
+    assert totals == cli_json(gateway, *cli)
+    [total] = totals
+    assert list(total)[:4] == ["day", "model", "key_id", "account"]
+    assert (total["model"], total["key_id"], total["account"], total["requests"]) == (
+        MODEL, row.key_id, name, 2
+    )  # fmt: skip
+
+    csv_answer = admin.get("/usage", params={**grouped, "format": "csv"})
+    assert csv_answer.status_code == 200, csv_answer.text
+    assert csv_answer.headers["content-type"].startswith("text/csv")
+    assert csv_answer.headers["x-request-id"].startswith("req_")
+    assert csv_answer.text == cli_text(gateway, *cli, "--csv")
+    rows_csv = admin.get("/usage", params={**params, "format": "csv"}).text.splitlines()
+    assert rows_csv[0].startswith("request_id,account,key_id,") and len(rows_csv) == 3
+    assert ok(admin.get("/usage", params={**params, "format": "json"})) == ok(
+        admin.get("/usage", params=params)
+    )
 
 
 # ---- auth --------------------------------------------------------------------------------
@@ -352,6 +496,29 @@ def test_bad_credit(
 ) -> None:
     refused(admin.post(f"/accounts/{account}/credit", json=body), status, code, param)
     assert ok(admin.get(f"/accounts/{account}"))["balance"] == "1.00"
+
+
+def test_a_top_up_retried_with_its_idempotency_key_is_applied_once(
+    admin: httpx.Client, account: str
+) -> None:
+    path, key = f"/accounts/{account}/credit", {"Idempotency-Key": f"{account}-invoice-42"}
+    first = admin.post(path, json={"amount": "2.50"}, headers=key)
+    again = admin.post(path, json={"amount": "2.50"}, headers=key)
+    assert ok(again) == ok(first) and ok(first)["balance"] == "3.50"
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    assert again.headers["x-request-id"] != first.headers["x-request-id"]  # its own request
+
+    message = refused(
+        admin.post(path, json={"amount": "2.51"}, headers=key),
+        409, "idempotency_key_reused", "Idempotency-Key",
+    )  # fmt: skip
+    assert "already used for another top-up (2.50 USD to" in message
+    for bad in ("", "x" * 256):
+        bad_key = {"Idempotency-Key": bad}
+        refused(admin.post(path, json={"amount": "1"}, headers=bad_key),
+                400, "invalid_request", "Idempotency-Key")  # fmt: skip
+    assert ok(admin.get(f"/accounts/{account}"))["balance"] == "3.50"
 
 
 @pytest.mark.parametrize(
@@ -427,6 +594,12 @@ def test_bad_key_requests(admin: httpx.Client, account: str) -> None:
 def test_bad_usage_queries(admin: httpx.Client) -> None:
     refused(admin.get("/usage", params={"since": "yesterday"}), 400, "invalid_request", "since")
     refused(admin.get("/usage", params={"acount": "x"}), 400, "invalid_request", "acount")
+    refused(admin.get("/usage", params={"until": "soon"}), 400, "invalid_request", "until")
+    refused(admin.get("/usage", params={"group_by": "week"}), 400, "invalid_request", "group_by")
+    refused(admin.get("/usage", params={"group_by": ""}), 400, "invalid_request", "group_by")
+    refused(admin.get("/usage", params={"format": "xml"}), 400, "invalid_request", "format")
+    refused(admin.get("/usage", params={"key": "key_nope"}), 404, "not_found", "key")
+    refused(admin.get("/usage", params={"account": "ghost"}), 404, "not_found", "account")
     refused(admin.get("/keys", params={"acount": "x"}), 400, "invalid_request", "acount")
 
 

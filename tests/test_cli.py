@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import json
 import os
 import sqlite3
@@ -18,6 +19,7 @@ import pytest
 from bastion import cli
 from bastion.auth import hash_key, well_formed
 from bastion.cli.usage import parse_time
+from bastion.money import parse_usd
 from bastion.store import LedgerRow
 from bastion.store.sqlite import SQLiteStore
 from bastion.views import iso_time
@@ -108,6 +110,7 @@ def test_accounts_create_show_list(env: Env) -> None:
         "reserved": "0.00",
         "spent": "0.00",
         "uncharged": "0.00",
+        "alert_below": None,
     }
     listed = env.ok("accounts", "list", "--json")
     assert [a["name"] for a in listed] == ["acme", "beta"]
@@ -140,7 +143,7 @@ def test_accounts_credit_both_negative_forms(env: Env) -> None:
     env.ok("accounts", "create", "acme", "--credit", "2")
     up = env.ok("accounts", "credit", "acme", "1.25", "--json")
     assert up["balance"] == "3.25" and set(up) == {
-        "id", "name", "balance", "reserved", "spent", "uncharged"
+        "id", "name", "balance", "reserved", "spent", "uncharged", "alert_below"
     }  # fmt: skip
     down = env.ok("accounts", "credit", "acme", "-0.50", "--json")
     assert down["balance"] == "2.75"
@@ -169,6 +172,29 @@ def test_accounts_credit_refusals_change_nothing(env: Env) -> None:
         assert conn.execute("SELECT amount FROM credits").fetchall() == [(1_000_000_000,)]
 
 
+def test_accounts_credit_with_an_idempotency_key_applies_once(env: Env) -> None:
+    """A retried top-up (the first one timed out, say) prints the first answer again."""
+    env.ok("accounts", "create", "acme")
+    args = ("accounts", "credit", "acme", "10", "--idempotency-key", "order-7", "--json")
+    first, again = env.run(*args), env.run(*args)
+    assert first.returncode == again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == json.loads(first.stdout)
+    assert json.loads(first.stdout)["balance"] == "10.00" and first.stderr == ""
+    assert again.stderr == (
+        "note: idempotency key 'order-7' was used before for this same top-up:"
+        " nothing was added; this is its first answer\n"
+    )
+
+    take = ("accounts", "credit", "acme", "--idempotency-key", "order-8", "--", "-0.50")
+    human = env.ok(*take)
+    assert "Took back $0.50" in human and "$9.50" in human
+    assert env.ok(*take) == human
+
+    env.fails(*args[:3], "11", *args[4:], message="'order-7' was already used for another top-up")
+    env.fails(*args[:3], "1", "--idempotency-key", "", message="1 to 255 printable characters")
+    assert env.ok("accounts", "show", "acme", "--json")["balance"] == "9.50"
+
+
 def test_accounts_show_reserved_and_spent(env: Env) -> None:
     acct = env.ok("accounts", "create", "acme", "--credit", "5", "--json")
     key = env.ok("keys", "create", "--account", "acme", "--json")
@@ -182,13 +208,42 @@ def test_accounts_show_reserved_and_spent(env: Env) -> None:
     assert shown["uncharged"] == "0.00"
 
 
+def test_accounts_update_sets_and_clears_the_balance_alert(env: Env) -> None:
+    env.ok("accounts", "create", "acme", "--credit", "10")
+    assert env.ok("accounts", "show", "acme", "--json")["alert_below"] is None
+    updated = env.ok("accounts", "update", "acme", "--alert-below", "5", "--json")
+    assert (updated["alert_below"], updated["balance"]) == ("5.00", "10.00")
+    assert env.ok("accounts", "show", "acme", "--json") == updated
+    human = env.ok("accounts", "update", "acme", "--alert-below", "2.5")
+    assert "acme: balance alert below $2.50 (balance $10.00)" in human
+    wide = env.ok("accounts", "list", "--wide")
+    assert "alert below" in wide and "$2.50" in wide
+    assert "alert" not in env.ok("accounts", "list")  # the narrow table stays 80 columns
+    cleared = env.ok("accounts", "update", "acme", "--alert-below", "none", "--json")
+    assert cleared["alert_below"] is None
+    assert "balance alert off" in env.ok("accounts", "update", "acme", "--alert-below", "None")
+
+
+def test_accounts_update_refusals_change_nothing(env: Env) -> None:
+    env.ok("accounts", "create", "acme", "--credit", "10")
+    env.ok("accounts", "update", "acme", "--alert-below", "1")
+    env.fails("accounts", "update", "acme", message="nothing to change: give --alert-below")
+    env.fails("accounts", "update", "acme", "--alert-below", "0", message="positive")
+    env.fails("accounts", "update", "acme", "--alert-below", "1.5e", message="not a decimal")
+    env.fails("accounts", "update", "ghost", "--alert-below", "1", message="no account named")
+    assert env.ok("accounts", "show", "acme", "--json")["alert_below"] == "1.00"
+
+
 # ---- keys -----------------------------------------------------------------------------
 
 
 def test_keys_create_list_update_revoke(env: Env) -> None:
     env.ok("accounts", "create", "acme")
     made = env.ok("keys", "create", "--account", "acme", "--name", "ci", "--rpm", "5", "--json")
-    assert set(made) == {"id", "key", "account", "name", "rpm", "tpm"}
+    assert set(made) == {
+        "id", "key", "account", "name", "rpm", "tpm", "limit", "limit_reset", "expires_at",
+        "models",
+    }  # fmt: skip
     assert made["id"].startswith("key_") and well_formed(made["key"])
     # rpm: the override; tpm: the config file's default, not the built-in one
     assert (made["account"], made["name"], made["rpm"], made["tpm"]) == ("acme", "ci", 5, 9999)
@@ -234,6 +289,73 @@ def test_keys_refusals(env: Env) -> None:
     env.fails("keys", "update", "key_000000000000", message="nothing to change")
     env.fails("keys", "revoke", "key_000000000000", message="no key with id")
     assert env.ok("keys", "list", "--json") == []
+
+
+def test_keys_spend_limit_expiry_and_models(env: Env) -> None:
+    env.ok("accounts", "create", "acme")
+    made = env.ok(
+        "keys", "create", "--account", "acme", "--limit", "5", "--limit-reset", "daily",
+        "--expires", "2100-01-01T00:00:00Z", "--models", "gpt-oss-120b, Qwen3-32B", "--json",
+    )  # fmt: skip
+    assert (made["limit"], made["limit_reset"]) == ("5.00", "daily")
+    assert made["expires_at"] == "2100-01-01T00:00:00.000000Z"
+    assert made["models"] == ["Qwen3-32B", "gpt-oss-120b"]
+    [stored] = env.store_call("list_keys")
+    assert (stored.spend_limit, stored.limit_reset) == (5_000_000_000, "daily")
+    assert stored.models == frozenset({"gpt-oss-120b", "Qwen3-32B"})
+
+    assert "$5.00/day" in env.ok("keys", "list")
+    wide = env.ok("keys", "list", "--wide")
+    assert all(w in wide for w in ("$5.00 per day", "2100-01-01T00:00:00", "Qwen3-32B"))
+
+    weekly = env.ok("keys", "update", made["id"], "--limit-reset", "weekly", "--json")
+    assert (weekly["limit"], weekly["limit_reset"]) == ("5.00", "weekly")  # only the period
+    cleared = env.ok(
+        "keys", "update", made["id"], "--limit", "none", "--expires", "none", "--models", "all",
+        "--json",
+    )  # fmt: skip
+    assert (cleared["limit"], cleared["expires_at"], cleared["models"]) == (None, None, None)
+    assert cleared["limit_reset"] == "weekly"
+
+    ended = env.ok("keys", "update", made["id"], "--expires", "2001-01-01", "--json")
+    assert ended["expires_at"] == "2001-01-01T00:00:00.000000Z"  # naive: UTC; past: ends it now
+    assert "expired" in env.ok("keys", "list")
+
+
+def test_keys_create_human_shows_the_controls(env: Env) -> None:
+    env.ok("accounts", "create", "acme")
+    out = env.ok("keys", "create", "--account", "acme", "--limit", "0.25", "--limit-reset",
+                 "monthly", "--models", "gpt-oss-120b")  # fmt: skip
+    assert "spend limit $0.25 per month" in out and "models gpt-oss-120b" in out
+
+
+def test_key_controls_refusals(env: Env) -> None:
+    env.ok("accounts", "create", "acme")
+    create = ("keys", "create", "--account", "acme")
+    env.fails(*create, "--models", "gpt-oss-120b,gpt-9", message="--models: unknown model 'gpt-9'")
+    env.fails(*create, "--models", ",", message="at least one model")
+    env.fails(*create, "--expires", "next week", message="--expires: not an ISO 8601 time")
+    env.fails(*create, "--expires", "2001-01-01", message="in the past")
+    env.fails(*create, "--limit", "-1", message="spend limit must be 0 or positive")
+    env.fails(*create, "--limit", "five", message="not a decimal amount: 'five'")
+    env.fails(*create, "--limit-reset", "hourly", message="unknown limit reset 'hourly'")
+    assert env.ok("keys", "list", "--json") == []
+    made = env.ok(*create, "--json")
+    env.fails("keys", "update", made["id"], "--models", "nope", message="unknown model 'nope'")
+    env.fails("keys", "update", made["id"], message="--limit, --limit-reset, --expires or --models")
+    assert env.ok("keys", "list", "--json")[0]["models"] is None
+
+
+def test_keys_table_with_spend_limits_fits_80_columns(env: Env) -> None:
+    env.ok("accounts", "create", "research-lab")
+    env.ok("keys", "create", "--account", "research-lab", "--name", "ci-runner-01", "--limit",
+           "1234.56", "--limit-reset", "monthly", "--models", "gpt-oss-120b,Qwen3-32B")  # fmt: skip
+    env.ok("keys", "create", "--account", "research-lab", "--name", "batch", "--rpm", "0",
+           "--tpm", "150000", "--limit", "0.5")  # fmt: skip
+    lines = env.run("keys", "list", columns=80).stdout.splitlines()
+    assert len(lines) == 4 and all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert all(w in lines[1] for w in ("research-lab", "ci-runner-01", "$1234.56/mo", "active"))
+    assert all(w in lines[2] for w in ("batch", "unlimited", "150,000", "$0.50 ", "active"))
 
 
 def test_keys_create_human_shows_key_once(env: Env) -> None:
@@ -344,6 +466,86 @@ def test_usage_newest_first_limit_and_until(env: Env) -> None:
     assert out.index("r-beta") < out.index("r-noon") and "r-early" not in out
     assert "newest 2 of 3 requests: $2.123456789 of $2.12345679 (--limit 0 shows all)" in out
     assert env.run("usage", "--limit", "-1").returncode == 2
+
+
+def test_usage_by_key_and_as_csv(env: Env) -> None:
+    _, ka = _seed_usage(env)
+
+    def ids(*args: str) -> list[str]:
+        return [r["request_id"] for r in env.ok("usage", *args, "--json")]
+
+    assert ids("--key", ka["id"]) == ids("--key", ka["id"][:12]) == ["r-early", "r-noon"]
+    assert ids("--key", ka["id"], "--since", "2025-01-31T12:00:00Z") == ["r-noon"]
+    env.fails("usage", "--key", "key_nope12345", message="no key with id 'key_nope12345'")
+
+    # --csv: the --json fields, in the same order, one line per row under a header
+    as_json = env.ok("usage", "--json")
+    lines = env.ok("usage", "--csv").splitlines()
+    table = list(csv.reader(lines))
+    assert table[0] == list(as_json[0])
+    assert [dict(zip(table[0], row, strict=True)) for row in table[1:]] == [
+        {k: csv_cell(v) for k, v in row.items()} for row in as_json
+    ]
+    assert lines[2].startswith("r-noon,acme,") and ",0.123456789,0.00,true,cancelled," in lines[2]
+    assert env.ok("usage", "--csv", "--since", "2030-01-01").splitlines() == lines[:1]
+    env.fails("usage", "--csv", "--json", message="--csv or --json, not both")
+
+
+def csv_cell(value: object) -> str:
+    """A JSON value as the CSV writes it: booleans as JSON spells them."""
+    return json.dumps(value) if isinstance(value, bool) else str(value)
+
+
+def test_usage_group_by_totals_add_up_to_the_ledger(env: Env) -> None:
+    a, ka = _seed_usage(env)
+    rows = env.ok("usage", "--json")
+    money = ("cost", "uncharged")
+    counts = ("input_tokens", "cached_input_tokens", "output_tokens")
+
+    def sums(items: list[dict[str, Any]], requests: int | None = None) -> tuple[int, ...]:
+        total = [sum(parse_usd(i[f]) for i in items) for f in money]
+        total += [sum(i[f] for i in items) for f in counts]
+        n = len(items) if requests is None else requests
+        return (n, *total)
+
+    for group_by in ("day", "model", "key", "account", "day,model", "account,key,model,day"):
+        totals = env.ok("usage", "--group-by", group_by, "--json")
+        fields = [{"key": "key_id"}.get(g, g) for g in group_by.split(",")]
+        assert all(list(t)[: len(fields)] == fields for t in totals), (group_by, totals)
+        assert sums(totals, sum(t["requests"] for t in totals)) == sums(rows), group_by
+
+    by_account = env.ok("usage", "--group-by", "account", "--json")
+    assert by_account == [
+        {"account": "acme", "requests": 2, "input_tokens": 13, "cached_input_tokens": 2,
+         "output_tokens": 24, "cost": "0.12345679", "uncharged": "0.00"},
+        {"account": "beta", "requests": 1, "input_tokens": 5, "cached_input_tokens": 0,
+         "output_tokens": 6, "cost": "2.00", "uncharged": "0.00"},
+    ]  # fmt: skip
+    by_day = env.ok("usage", "--group-by", "day,key", "--account", "acme", "--json")
+    assert by_day == [dict(day="2025-01-31", key_id=ka["id"], **{
+        k: v for k, v in by_account[0].items() if k != "account"})]  # fmt: skip
+    until = env.ok("usage", "--group-by", "model", "--until", "2025-01-31T12:00:00Z", "--json")
+    assert [(t["model"], t["requests"]) for t in until] == [("gpt-oss-120b", 1)]
+
+    grouped = env.ok("usage", "--group-by", "model,account", "--csv")
+    grouped_csv = list(csv.reader(grouped.splitlines()))
+    assert grouped_csv[0] == ["model", "account", *list(by_account[0])[1:]]
+    assert ["Qwen3-32B", "acme", "1", "3", "2", "4", "0.123456789", "0.00"] in grouped_csv
+
+    human = env.run("usage", "--group-by", "day,model,key,account", columns=80).stdout
+    lines = human.splitlines()
+    assert all(len(line) <= 80 for line in lines), human
+    assert lines[0].split() == ["day", "(UTC)", "model", "key", "account", "requests", "in",
+                                "out", "cost"]  # fmt: skip
+    assert any(w in lines[1] for w in ("gpt-oss-20b", "Qwen3-32B", "gpt-oss-120b"))
+    assert lines[-1] == "3 groups: 3 requests, $2.12345679"
+    assert a["name"] in human and ka["id"][:12] in human and ka["id"] not in human
+    wide = env.ok("usage", "--group-by", "model", "--wide")
+    assert "cached" in wide and "uncharged" in wide
+
+    env.fails("usage", "--group-by", "week", message="--group-by: unknown field 'week'")
+    env.fails("usage", "--group-by", "day,day", message="--group-by: 'day' is named twice")
+    env.fails("usage", "--group-by", "day", "--limit", "3", message="--limit counts ledger rows")
 
 
 def test_tables_fit_80_columns(env: Env) -> None:

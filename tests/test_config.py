@@ -47,3 +47,49 @@ def test_bad_config_names_the_problem(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(path, env={})
+
+
+ISOLATED = """
+[[upstreams]]
+name = "vllm"
+url = "http://gpu:8000/v1"
+
+[[models]]
+id = "shared"
+upstreams = ["vllm"]
+input_price = "0.10"
+output_price = "0.50"
+max_output_tokens = 1024
+
+[[models]]
+id = "private"
+upstreams = ["vllm"]
+input_price = "0.10"
+output_price = "0.50"
+max_output_tokens = 1024
+cache_isolation = "account"
+"""
+
+
+def test_cache_isolation_is_per_model_and_off_by_default(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text(ISOLATED)
+    config = load_config(path, env={"BASTION_CACHE_SALT_SECRET": "s" * 32})
+    assert config.models["shared"].cache_isolation == "none"
+    assert config.models["private"].cache_isolation == "account"
+    assert config.server.cache_salt_secret == "s" * 32
+    assert "s" * 32 not in repr(config)  # a secret never reaches a log line
+    path.write_text(f'[server]\ncache_salt_secret = "{"f" * 32}"\n' + ISOLATED)
+    assert load_config(path, env={}).server.cache_salt_secret == "f" * 32
+
+
+def test_cache_isolation_needs_a_secret(tmp_path):
+    path = tmp_path / "b.toml"
+    path.write_text(ISOLATED)
+    with pytest.raises(ConfigError, match=r"models\[1\].cache_isolation.*server.cache_salt_secret"):
+        load_config(path, env={})
+    with pytest.raises(ConfigError, match="at least 32 characters"):
+        load_config(path, env={"BASTION_CACHE_SALT_SECRET": "short"})
+    path.write_text(ISOLATED.replace('"account"', '"tenant"'))
+    with pytest.raises(ConfigError, match=r"models\[1\].cache_isolation must be 'none' or"):
+        load_config(path, env={"BASTION_CACHE_SALT_SECRET": "s" * 32})

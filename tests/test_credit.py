@@ -223,3 +223,24 @@ async def test_a_burst_on_a_rich_account_is_never_refused_while_credit_is_unleas
         await store.retire(book.gateway_id)
     assert refused == 0
     await store.close()
+
+
+async def test_a_request_waiting_on_a_stuck_store_gives_up_when_trust_ends(tmp_path):
+    """A grant the store does not answer (here: another process holds the database's write
+    lock) must not hold the request past the moment its leases could not be used anyway:
+    it is refused (503) at the end of trust, not after the store's own timeouts."""
+    import sqlite3
+
+    store, book, _, acct, _ = await setup(tmp_path, 100 * WORST)
+    book.trust(time.monotonic() + 0.5)
+    blocker = sqlite3.connect(tmp_path / "credit.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # every lease grant now waits for the busy timeout
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await book.reserve(acct, WORST)
+        assert time.monotonic() - started < 2.0  # not the 10 s busy timeout
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    await store.close()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
+import json
 import re
+import time
 
 import httpx
 import openai
 import pytest
+from conftest import CACHE_SALT_SECRET
 from openai import OpenAI
 
 from bastion.sim import reply_text
@@ -334,3 +340,141 @@ def test_no_output_cap_and_a_small_tpm_says_which_cap_to_send(gateway, path, bod
     assert post(gateway, path, key, json={**body, field: fits}).status_code == 200
     assert post(gateway, path, key, json={**body, field: fits + 1}).status_code == 429
     assert gateway.settled(account, 1)[0].status == "200"
+
+
+# ---- key expiry and model allow-lists ---------------------------------------------------
+
+
+def key_of(gateway, account: str):
+    [api_key] = gateway.store_call("list_keys", account)
+    return api_key
+
+
+def test_an_expired_key_is_refused_and_counted(gateway):
+    """Expiry is a time, checked per request: no store change is needed for it to bite."""
+    expires_at = time.time_ns() // 1000 + 1_500_000
+    key, account = gateway.new_key(expires_at=expires_at)
+    body = {"model": "gpt-oss-120b", "input": "x", "max_output_tokens": 16}
+    assert post(gateway, "/responses", key, json=body).status_code == 200
+    time.sleep(max(0.0, expires_at / 1e6 - time.time()) + 0.05)
+    with pytest.raises(openai.AuthenticationError) as err:
+        client(gateway, key).responses.create(**body)
+    assert err.value.code == "invalid_api_key"
+    assert err.value.body["message"] == "This API key has expired."  # nothing more
+    assert httpx.get(gateway.url + "/models", headers={"Authorization": f"Bearer {key}"}).is_error
+    gateway.settled(account, 1)
+    assert len(gateway.ledger(account)) == 1  # only the request before the expiry
+    kid = key_of(gateway, account).id
+    deadline = time.monotonic() + 10
+    # two refusals (the SDK's request and the models list), flushed within a second or two
+    while sum(r.count for r in gateway.store_call("refusals", account) if r.status == 401) < 2:
+        assert time.monotonic() < deadline, "the expired key's refusals were not counted"
+        time.sleep(0.1)
+    [refusal] = gateway.store_call("refusals", account)
+    assert (refusal.key_id, refusal.code, refusal.count) == (kid, "invalid_api_key", 2)
+
+
+def test_an_expiry_set_on_a_live_key_applies_within_five_seconds(gateway):
+    key, account = gateway.new_key()
+    gateway.store_call("update_key", key_of(gateway, account).id, expires_at=1_000_000)
+    assert gateway.wait_for_key(key, present=False) < 5
+    resp = post(gateway, "/responses", key, json={"model": "gpt-oss-120b", "input": "x"})
+    assert "expired" in assert_error(resp, 401, "invalid_api_key")["message"]
+    gateway.store_call("update_key", key_of(gateway, account).id, expires_at=None)
+    assert gateway.wait_for_key(key) < 5  # cleared: the key works again
+
+
+def test_a_model_allow_list_limits_the_key_and_its_model_list(gateway):
+    key, account = gateway.new_key(models=frozenset({"gpt-oss-120b", "Mistral-7B-Instruct-v0.3"}))
+    c = client(gateway, key)
+    assert sorted(m.id for m in c.models.list().data) == [
+        "Mistral-7B-Instruct-v0.3", "gpt-oss-120b",
+    ]  # fmt: skip
+    assert c.responses.create(model="gpt-oss-120b", input="x", max_output_tokens=16).output_text
+    with pytest.raises(openai.PermissionDeniedError) as err:
+        c.responses.create(model="alias", input="x")
+    assert (err.value.status_code, err.value.code, err.value.param) == (
+        403, "model_not_allowed", "model",
+    )  # fmt: skip
+    assert err.value.body["type"] == "invalid_request_error"
+    assert "'alias'" in err.value.message
+    with pytest.raises(openai.BadRequestError) as unknown:  # unknown stays unknown: 400
+        c.responses.create(model="no-such-model", input="x")
+    assert unknown.value.code == "model_not_found"
+    assert len(gateway.settled(account, 1)) == 1  # the refused requests cost nothing
+    kid = key_of(gateway, account).id
+    deadline = time.monotonic() + 10
+    while not any(r.status == 403 for r in gateway.store_call("refusals", account)):
+        assert time.monotonic() < deadline, "the 403 was not counted"
+        time.sleep(0.1)
+    [refusal] = gateway.store_call("refusals", account)
+    assert (refusal.key_id, refusal.code, refusal.count) == (kid, "model_not_allowed", 1)
+
+
+def test_the_model_check_comes_after_the_body_and_before_the_rate_limit(gateway):
+    key, _ = gateway.new_key(rpm=1, models=frozenset({"gpt-oss-120b"}))
+    bad_body = {"model": "alias", "input": "x", "temperature": 7}
+    assert_error(
+        post(gateway, "/responses", key, json=bad_body), 400, "invalid_request", "temperature"
+    )
+    allowed = {"model": "gpt-oss-120b", "input": "x", "max_output_tokens": 16}
+    assert post(gateway, "/responses", key, json=allowed).status_code == 200  # the one rpm
+    refused = {"model": "alias", "input": "x"}
+    assert_error(post(gateway, "/responses", key, json=refused), 403, "model_not_allowed", "model")
+    assert post(gateway, "/responses", key, json=allowed).status_code == 429
+
+
+def test_a_model_not_allowed_is_403_whichever_endpoint_it_is_sent_to(gateway):
+    """A key learns nothing about a model it may not use, not even its endpoints."""
+    key, _ = gateway.new_key(models=frozenset({"gpt-oss-120b"}))
+    chat_only = {"model": "Mistral-7B-Instruct-v0.3", "input": "x"}
+    resp = post(gateway, "/responses", key, json=chat_only)
+    error = assert_error(resp, 403, "model_not_allowed", "model")
+    assert "chat/completions" not in error["message"]
+
+
+# ---- prefix-cache isolation (models[].cache_isolation = "account") ---------------------
+
+
+def salt_sent(gateway, key: str, model: str = "isolated", stream: bool = False, **body) -> object:
+    """The ``cache_salt`` the simulator received for one request (its ``sim.echo`` answers
+    with the JSON of a field of the upstream body), over chat, or responses if streamed."""
+    sim = {"sim": {"echo": "cache_salt"}}
+    c = client(gateway, key)
+    if stream:
+        with c.responses.stream(model=model, input="x", extra_body=body | sim) as events:
+            return json.loads(events.get_final_response().output_text)
+    chat = c.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "x"}], extra_body=body | sim
+    )
+    return json.loads(chat.choices[0].message.content or "")
+
+
+def test_an_isolated_model_gets_one_secret_salt_per_account(gateway):
+    key_a, account_a = gateway.new_key()
+    key_a2 = gateway.store_call("create_key", account_a)[1]  # a second key, same account
+    key_b, account_b = gateway.new_key()
+    gateway.wait_for_key(key_a2)
+    salt_a = salt_sent(gateway, key_a)
+    assert salt_a == salt_sent(gateway, key_a2) == salt_sent(gateway, key_a, stream=True)
+    salt_b = salt_sent(gateway, key_b)
+    assert salt_b != salt_a
+    for salt, account in ((salt_a, account_a), (salt_b, account_b)):  # HMAC of the account id
+        account_id = gateway.account(account).id.encode()
+        mac = hmac.new(CACHE_SALT_SECRET.encode(), account_id, hashlib.sha256).digest()
+        assert salt == base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+        assert len(salt) == 43  # 256 bits, as vLLM recommends
+
+
+def test_a_client_cannot_choose_the_salt_of_an_isolated_model(gateway):
+    key_a, _ = gateway.new_key()
+    key_b, _ = gateway.new_key()
+    salt_b = salt_sent(gateway, key_b)
+    assert salt_sent(gateway, key_a, cache_salt=salt_b) == salt_sent(gateway, key_a) != salt_b
+    assert salt_sent(gateway, key_a, stream=True, cache_salt="mine") != "mine"
+
+
+def test_a_model_without_isolation_sends_what_the_client_sent(gateway):
+    key, _ = gateway.new_key()
+    assert salt_sent(gateway, key, model="gpt-oss-120b") is None  # nothing added
+    assert salt_sent(gateway, key, model="gpt-oss-120b", cache_salt="team-7") == "team-7"

@@ -716,3 +716,12 @@ def test_chat_usage_null_chunks(client: openai.OpenAI, sim: SimServer) -> None:
     headers = {"x-sim-usage-null": "true"}
     calls = list(client.chat.completions.create(**tools, stream=True, extra_headers=headers))
     assert calls[-2].choices[0].finish_reason == "tool_calls" and calls[-1].usage is not None
+
+
+def test_echo_answers_a_field_of_the_body_as_received() -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "cache_salt": "s-1"}
+    assert reply_text({**body, "sim": {"echo": "cache_salt"}}) == '"s-1"'
+    assert reply_text({**body, "sim": {"echo": "nothing"}}) == "null"
+    assert reply_text({**body, "sim": {"echo": "messages"}}, "chat") == json.dumps(
+        body["messages"], separators=(",", ":")
+    )

@@ -333,6 +333,110 @@ async def test_keys_changed_since(store: Store) -> None:
     assert revoked.id == k2.id and revoked.revoked
 
 
+async def test_key_limit_expiry_and_models_round_trip(store: Store) -> None:
+    await store.create_account("acme")
+    plain, _ = await store.create_key("acme")
+    assert (plain.spend_limit, plain.limit_reset, plain.expires_at, plain.models) == (
+        None, "never", None, None,
+    )  # fmt: skip
+    key, secret = await store.create_key(
+        "acme",
+        "ci",
+        spend_limit=5_000_000_000,
+        limit_reset="daily",
+        expires_at=1_900_000_000_000_000,
+        models=frozenset({"gpt-oss-120b", "qwen3-8b"}),
+    )
+    assert key.spend_limit == 5_000_000_000 and key.limit_reset == "daily"
+    assert key.expires_at == 1_900_000_000_000_000
+    assert key.models == frozenset({"gpt-oss-120b", "qwen3-8b"})
+    assert (await store.snapshot()).keys[hash_key(secret)] == key
+    assert (await store.list_keys())[1] == key
+
+
+async def test_update_key_sets_clears_or_leaves_each_field(store: Store) -> None:
+    await store.create_account("acme")
+    key, _ = await store.create_key(
+        "acme", rpm=10, spend_limit=1_000, expires_at=2_000, models=frozenset({"m1"})
+    )
+    same = await store.update_key(key.id)  # nothing given: nothing changes
+    assert same == key
+    key = await store.update_key(key.id, limit_reset="monthly", models=frozenset({"m1", "m2"}))
+    assert (key.rpm, key.spend_limit, key.limit_reset, key.expires_at) == (
+        10, 1_000, "monthly", 2_000,
+    )  # fmt: skip
+    assert key.models == frozenset({"m1", "m2"})
+    key = await store.update_key(key.id, spend_limit=None, expires_at=None, models=None)
+    assert (key.spend_limit, key.expires_at, key.models) == (None, None, None)
+    assert (key.rpm, key.limit_reset) == (10, "monthly")  # left alone
+    key = await store.update_key(key.id, spend_limit=0, expires_at=3_000)
+    assert (key.spend_limit, key.expires_at) == (0, 3_000)  # 0: a key that may spend nothing
+
+
+async def test_a_key_field_change_reaches_gateways(store: Store) -> None:
+    """keys_changed is how gateways learn of a new limit, expiry or model list."""
+    await store.create_account("acme")
+    key, _ = await store.create_key("acme")
+    since = _now()
+    await store.update_key(key.id, expires_at=1_000)
+    [changed] = await store.keys_changed(since)
+    assert changed.id == key.id and changed.expires_at == 1_000
+    since = _now()
+    await store.update_key(key.id, models=frozenset({"m1"}))
+    [changed] = await store.keys_changed(since)
+    assert changed.models == frozenset({"m1"})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"spend_limit": -1}, "spend limit must be 0 or positive"),
+        ({"limit_reset": "hourly"}, "unknown limit reset 'hourly'"),
+        ({"expires_at": -5}, "expires_at"),
+        ({"models": frozenset()}, "at least one model"),
+        ({"models": frozenset({""})}, "non-empty"),
+    ],
+)
+async def test_key_fields_are_validated(
+    store: Store, fields: dict[str, Any], message: str
+) -> None:
+    await store.create_account("acme")
+    key, _ = await store.create_key("acme")
+    with pytest.raises(StoreError, match=message):
+        await store.create_key("acme", **fields)
+    with pytest.raises(StoreError, match=message):
+        await store.update_key(key.id, **fields)
+    assert len(await store.list_keys()) == 1
+
+
+async def test_key_spent_sums_the_keys_rows_since_a_time(store: Store) -> None:
+    acct = await store.create_account("acme", 1_000_000)
+    k1, _ = await store.create_key("acme")
+    k2, _ = await store.create_key("acme")
+    await store.write_ledger(
+        [
+            row("r1", acct.id, k1.id, 100, created_at=1_000),
+            row("r2", acct.id, k1.id, 20, created_at=2_000),
+            row("r3", acct.id, k1.id, 3, created_at=3_000),
+            row("r4", acct.id, k2.id, 4_000, created_at=3_000),
+        ]
+    )
+    assert await store.key_spent(k1.id, 0) == 123
+    assert await store.key_spent(k1.id, 2_000) == 23  # from the period start, inclusive
+    assert await store.key_spent(k2.id, 0) == 4_000
+    assert await store.key_spent(k1.id, 3_001) == 0
+    assert await store.key_spent("key_000000000000", 0) == 0
+
+
+async def test_ledger_row_by_request_id(store: Store) -> None:
+    acct = await store.create_account("acme", 1_000_000)
+    key, _ = await store.create_key("acme")
+    written = row("req_1", acct.id, key.id, 42, cached_input_tokens=4, reasoning_tokens=7)
+    await store.write_ledger([written])
+    assert await store.ledger_row("req_1") == written
+    assert await store.ledger_row("req_missing") is None
+
+
 # ---- ledger ---------------------------------------------------------------------------
 
 
@@ -754,3 +858,166 @@ async def test_refusal_counts_add_up_per_hour_and_sum_over_a_window(store: Store
     }
     with pytest.raises(StoreError):
         await store.refusals("nobody")
+
+
+# ---- webhooks: balance alerts and the outbox (bastion/store/outbox.py) ----------------
+
+HOLD_US = 60_000_000
+
+
+async def due_events(store: Store, claimer: str = "test") -> list[dict[str, Any]]:
+    """Every event due now, claimed (so held for a minute), as the bodies a receiver gets."""
+    return [json.loads(e.body) for e in await store.claim_events(claimer, 1000, HOLD_US)]
+
+
+async def test_alert_below_is_set_changed_and_cleared(store: Store) -> None:
+    from bastion.store import UNCHANGED, NotFound
+
+    await store.create_account("acme", 10_000)
+    assert (await store.get_account("acme")).alert_below is None
+    assert (await store.update_account("acme", alert_below=5_000)).alert_below == 5_000
+    assert (await store.update_account("acme", alert_below=UNCHANGED)).alert_below == 5_000
+    assert (await store.list_accounts())[0].alert_below == 5_000
+    assert (await store.update_account("acme", alert_below=None)).alert_below is None
+    for bad in (0, -1):
+        with pytest.raises(StoreError, match="positive"):
+            await store.update_account("acme", alert_below=bad)
+    with pytest.raises(NotFound):
+        await store.update_account("ghost", alert_below=1)
+    assert await due_events(store) == []  # setting an alert is not a crossing
+
+
+async def test_balance_low_is_recorded_once_per_crossing(store: Store) -> None:
+    """Down through the alert: one event; further down: none; a top-up re-arms it; a
+    take-back through it is a crossing too."""
+    acct = await store.create_account("acme", 1_000)
+    key, _ = await store.create_key("acme")
+    await store.update_account("acme", alert_below=500)
+    await store.write_ledger([row("r1", acct.id, key.id, 300)])  # 1000 -> 700
+    assert await due_events(store) == []
+    await store.write_ledger([row("r2", acct.id, key.id, 300)])  # 700 -> 400: crossed
+    await store.write_ledger([row("r3", acct.id, key.id, 100)])  # 400 -> 300: still below
+    [first] = await due_events(store)
+    assert first["type"] == "account.balance_low" and first["id"].startswith("evt_")
+    assert first["data"] == {
+        "account": "acme",
+        "account_id": acct.id,
+        "balance": "0.0000004",
+        "previous_balance": "0.0000007",
+        "alert_below": "0.0000005",
+        "cause": "ledger",
+    }
+    assert first["created_at"].endswith("Z")
+
+    await store.credit_account("acme", 500)  # 300 -> 800: above again, nothing to say
+    await store.write_ledger(
+        [row("r4", acct.id, key.id, 200), row("r5", acct.id, key.id, 200)]
+    )  # 800 -> 400 in one batch: one crossing, one event
+    await store.credit_account("acme", 100)  # 500: at the alert is not below it
+    await store.credit_account("acme", -1)  # 499: a take-back crossing
+    second, third = await due_events(store)
+    assert (second["data"]["balance"], second["data"]["cause"]) == ("0.0000004", "ledger")
+    assert (third["data"]["previous_balance"], third["data"]["balance"]) == (
+        "0.0000005",
+        "0.000000499",
+    )
+    assert third["data"]["cause"] == "credit"
+    assert len({first["id"], second["id"], third["id"]}) == 3
+
+
+async def test_an_uncharged_row_records_an_event(store: Store) -> None:
+    acct = await store.create_account("acme", 100)
+    key, _ = await store.create_key("acme")
+    await store.update_account("acme", alert_below=50)
+    await store.write_ledger([row("fine", acct.id, key.id, 10)])
+    await store.write_ledger([row("big", acct.id, key.id, 250)])  # 90 collected, 160 uncharged
+    await store.write_ledger([row("big", acct.id, key.id, 250)])  # a repeat: no new event
+    events = {e["type"]: e["data"] for e in await due_events(store)}
+    assert events == {
+        "account.balance_low": {
+            "account": "acme", "account_id": acct.id, "balance": "0.00",
+            "previous_balance": "0.00000009", "alert_below": "0.00000005", "cause": "ledger",
+        },
+        "ledger.uncharged": {
+            "account": "acme", "account_id": acct.id, "request_id": "big", "key_id": key.id,
+            "model": "gpt-oss-120b", "cost": "0.00000025", "uncharged": "0.00000016",
+        },
+    }  # fmt: skip
+
+
+async def test_a_rolled_back_ledger_write_records_no_event(store: Store) -> None:
+    acct = await store.create_account("acme", 100)
+    key, _ = await store.create_key("acme")
+    with pytest.raises(RowRejected):
+        await store.write_ledger(
+            [row("short", acct.id, key.id, 500), row("bad", "acct_missing", key.id, 5)]
+        )
+    assert await due_events(store) == []
+
+
+async def test_add_event_is_idempotent_on_its_id(store: Store) -> None:
+    data = {"key_id": "key_1", "account": "acme", "limit": "5.00", "period_start": "x"}
+    await store.add_event("evt_limit_key_1_p1", "key.limit_reached", data)
+    await store.add_event("evt_limit_key_1_p1", "key.limit_reached", {**data, "limit": "6"})
+    [event] = await due_events(store)
+    assert (event["id"], event["type"], event["data"]) == (
+        "evt_limit_key_1_p1",
+        "key.limit_reached",
+        data,
+    )
+    await store.add_event("evt_limit_key_1_p1", "key.limit_reached", data)  # even once claimed
+    assert await due_events(store) == []
+    with pytest.raises(StoreError):
+        await store.add_event("", "key.limit_reached", data)
+    with pytest.raises(StoreError, match="JSON"):
+        await store.add_event("evt_x", "t", {"when": object()})
+
+
+async def test_a_claim_holds_an_event_until_it_is_settled(store: Store) -> None:
+    await store.add_event("evt_a", "t", {})
+    await store.add_event("evt_b", "t", {})
+    [a, b] = await store.claim_events("s1", 10, HOLD_US)
+    assert (a.id, a.attempts, b.id) == ("evt_a", 1, "evt_b")
+    assert await store.claim_events("s2", 10, HOLD_US) == []  # held by s1
+    await store.event_failed("evt_a", "s2", "not s2's to settle", 0)  # ignored
+    assert await store.claim_events("s2", 10, HOLD_US) == []
+    await store.event_failed("evt_a", "s1", "HTTP 500", 0)  # retry at once
+    await store.event_delivered("evt_b")
+    [again] = await store.claim_events("s2", 10, HOLD_US)
+    assert (again.id, again.attempts, again.body) == ("evt_a", 2, a.body)  # byte for byte
+    await store.event_failed("evt_a", "s2", "too old", None)  # given up
+    await store.add_event("evt_c", "t", {})
+    [c] = await store.claim_events("s1", 10, 0)  # a claim that has already run out …
+    [c_again] = await store.claim_events("s2", 10, HOLD_US)  # … is anyone's
+    assert c.id == c_again.id == "evt_c" and c_again.attempts == 2
+    await store.event_failed("evt_c", "s2", None, 3_600_000_000)  # an hour from now
+    assert await store.claim_events("s1", 10, HOLD_US) == []
+    assert await store.prune_events(3_600_000_000) == 0  # delivered just now: kept
+    assert await store.prune_events(0) == 2  # delivered (b) and given up (a); c waits
+    await store.add_event("evt_b", "t", {})  # pruned ids can come back: keep them unique
+    assert [e.id for e in await store.claim_events("s1", 10, HOLD_US)] == ["evt_b"]
+
+
+async def test_two_replicas_never_claim_the_same_event(pg_url: str) -> None:
+    """Two stores (two replicas' pools) claiming at once: each event goes to exactly one."""
+    one, two = open_store(pg_url), open_store(pg_url)
+    try:
+        await one.migrate()
+        for i in range(60):
+            await one.add_event(f"evt_{i:03}", "t", {"i": i})
+
+        async def drain(store: Store, name: str) -> list[str]:
+            got: list[str] = []
+            while batch := await store.claim_events(name, 4, HOLD_US):
+                got += [e.id for e in batch]
+            return got
+
+        await two.ping()  # both pools open before the race
+        claims = await asyncio.gather(*(drain(s, n) for s, n in [(one, "a"), (two, "b")] * 3))
+        a = [i for got in claims[0::2] for i in got]
+        b = [i for got in claims[1::2] for i in got]
+        assert sorted(a + b) == [f"evt_{i:03}" for i in range(60)]
+        assert a and b  # both took part
+    finally:
+        await one.close()
+        await two.close()

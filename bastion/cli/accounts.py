@@ -1,13 +1,14 @@
-"""``bastion accounts create|credit|show|list``: prepaid accounts and their credit."""
+"""``bastion accounts create|credit|update|show|list``: prepaid accounts and their credit."""
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from bastion.cli.options import ConfigOpt, JsonOpt, VerboseOpt, WideOpt, emit
+from bastion.cli.options import CliError, ConfigOpt, JsonOpt, VerboseOpt, WideOpt, emit
 from bastion.cli.render import out, show_accounts, usd
 from bastion.cli.storeopen import with_store
 from bastion.money import parse_usd
@@ -43,13 +44,26 @@ def credit(
     amount_usd: Annotated[
         str, typer.Argument(metavar="USD", help="USD to add; negative (-0.50) takes credit back.")
     ],
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            metavar="K", help="Apply this top-up once: a repeat with K prints the first answer."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Add credit to an account (negative to take back; never below zero)."""
     amount = parse_usd(amount_usd)
-    account = with_store(lambda s, _: s.credit_account(name, amount), config, verbose, writes=True)
+    account = with_store(
+        lambda s, _: s.credit_account(name, amount, idempotency_key), config, verbose, writes=True
+    )
+    if account.replayed:  # stdout stays the first answer's, for scripts that retry
+        sys.stderr.write(
+            f"note: idempotency key {idempotency_key!r} was used before for this same top-up:"
+            " nothing was added; this is its first answer\n"
+        )
     emit(
         as_json,
         account_json(account),
@@ -58,6 +72,38 @@ def credit(
             f" [bold]{escape(account.name)}[/bold] balance is now {usd(account.balance)}"
         ),
     )
+
+
+@app.command("update")
+def update(
+    name: str,
+    alert_below: Annotated[
+        str | None,
+        typer.Option(
+            metavar="USD",
+            help="Webhook account.balance_low when the balance falls below this; none: off.",
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Change an account's settings: its balance alert."""
+    if alert_below is None:
+        raise CliError("nothing to change: give --alert-below USD (or none)")
+    alert = None if alert_below.strip().lower() == "none" else parse_usd(alert_below)
+    account = with_store(
+        lambda s, _: s.update_account(name, alert_below=alert), config, verbose, writes=True
+    )
+
+    def human() -> None:
+        said = "off" if account.alert_below is None else f"below {usd(account.alert_below)}"
+        out.print(
+            f"[bold]{escape(account.name)}[/bold]: balance alert {said}"
+            f" (balance {usd(account.balance)})"
+        )
+
+    emit(as_json, account_json(account), human)
 
 
 @app.command("show")

@@ -10,6 +10,7 @@ character. Totals and legends go on plain lines under the table.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Literal
@@ -114,40 +115,66 @@ def show_accounts(accounts: list[Account], *, wide: bool) -> None:
         ("spent", "number"), ("uncharged", "number"),
     ]  # fmt: skip
     if wide:
-        columns.append(("created (UTC)", "id"))
+        columns += [("alert below", "number"), ("created (UTC)", "id")]
     table = new_table(columns, wide=wide)
     ids = short_ids(a.id for a in accounts)
     for a in accounts:
         money = (usd(a.balance), usd(a.reserved), usd(a.spent), usd(a.uncharged))
-        created = (iso_time(a.created_at),) if wide else ()
+        alert = "off" if a.alert_below is None else usd(a.alert_below)
+        created = (alert, iso_time(a.created_at)) if wide else ()
         add_row(table, wide, a.name, a.id if wide else ids[a.id], *money, *created)
     show(table, wide)
 
 
 def show_keys(keys: list[ApiKey], config: Config, *, wide: bool) -> None:
-    """A limit that follows the config default is marked: ``*`` (narrow), ``(default)`` (wide)."""
+    """A limit that follows the config default is marked: ``*`` (narrow), ``(default)`` (wide).
+
+    The spend limit is compact ("$5.00/day"); expiry and model lists only in ``--wide``,
+    though an expired key's state says so in both."""
     columns: list[tuple[str, Kind]] = [("id", "id"), ("account", "text"), ("name", "text")]
     if wide:
         columns.append(("prefix", "id"))
-    columns += [("rpm", "number"), ("tpm", "number"), ("state", "id")]
+    columns += [("rpm", "number"), ("tpm", "number"), ("limit", "number"), ("state", "id")]
     if wide:
-        columns.append(("created (UTC)", "id"))
+        columns += [("expires (UTC)", "id"), ("models", "text"), ("created (UTC)", "id")]
     table = new_table(columns, wide=wide)
     ids = short_ids(k.id for k in keys)
     mark = " (default)" if wide else "*"
+    now = time.time_ns() // 1000
     for k in keys:
         rpm, tpm = effective_limits(k, config)
-        state = Text("revoked", style="red") if k.revoked else Text("active", style="green")
+        if k.revoked:
+            state = Text("revoked", style="red")
+        elif k.expires_at is not None and k.expires_at <= now:
+            state = Text("expired", style="red")
+        else:
+            state = Text("active", style="green")
         cells: list[str | Text] = [k.id if wide else ids[k.id], k.account_name, k.name]
         if wide:
             cells.append(k.prefix + "…")
         cells += [
             limit_text(rpm) + (mark if k.rpm is None else ""),
             limit_text(tpm) + (mark if k.tpm is None else ""),
+            spend_limit_text(k, wide=wide),
             state,
         ]
         if wide:
-            cells.append(iso_time(k.created_at))
+            cells += [
+                "-" if k.expires_at is None else iso_time(k.expires_at),
+                "all" if k.models is None else ", ".join(sorted(k.models)),
+                iso_time(k.created_at),
+            ]
         add_row(table, wide, *cells)
     defaults = not wide and any(k.rpm is None or k.tpm is None for k in keys)
     show(table, wide, *(["* the config default (ratelimit.default_rpm / default_tpm)"] * defaults))
+
+
+_PER = {"daily": ("/day", " per day"), "weekly": ("/wk", " per week"),
+        "monthly": ("/mo", " per month"), "never": ("", " in total")}  # fmt: skip
+
+
+def spend_limit_text(key: ApiKey, *, wide: bool) -> str:
+    """A spend limit and its period: ``$5.00/day`` narrow, ``$5.00 per day`` wide; ``-``: none."""
+    if key.spend_limit is None:
+        return "-"
+    return usd(key.spend_limit) + _PER[key.limit_reset][wide]

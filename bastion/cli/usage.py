@@ -4,20 +4,45 @@ The table shows the newest requests first, ``--limit`` of them (50 unless told),
 and says what it left out: how many rows and how much money. ``--json`` keeps the
 ledger's order (oldest first) and gives every matching row unless ``--limit`` is
 given, in which case it gives the newest N, still oldest first (as ``tail`` does).
+``--csv`` is ``--json`` as CSV. ``--group-by`` gives totals per group instead of
+rows. The store does the filtering and the grouping (bastion/store/usage.py).
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
 
+from bastion.cli.keys import resolve
 from bastion.cli.options import CliError, ConfigOpt, JsonOpt, VerboseOpt, WideOpt, emit
-from bastion.cli.render import Kind, add_row, minute, new_table, plural, show, usd
+from bastion.cli.render import (
+    Kind,
+    add_row,
+    dollars,
+    minute,
+    new_table,
+    plural,
+    short_ids,
+    show,
+    usd,
+)
 from bastion.cli.storeopen import with_store
 from bastion.config import Config
+from bastion.money import parse_usd
 from bastion.store import LedgerRow, Store
-from bastion.views import iso_time, ledger_json, parse_since
+from bastion.views import (
+    USAGE_GROUPS,
+    USAGE_TOTALS,
+    csv_text,
+    iso_time,
+    ledger_fields,
+    ledger_json,
+    parse_group_by,
+    parse_since,
+    usage_totals_json,
+)
 
 TABLE_LIMIT = 50
 
@@ -57,30 +82,72 @@ def parse_time(option: str, text: str) -> int:
         raise CliError(f"{option}: {exc}") from None
 
 
+KeyOpt = Annotated[
+    str | None,
+    typer.Option("--key", metavar="ID", help="Only this key's requests (its id or a prefix)."),
+]
+GroupOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--group-by",
+        metavar="day,model,key,account",
+        help="Totals per group (any of them, comma-separated) instead of rows.",
+    ),
+]
+CsvOpt = Annotated[bool, typer.Option("--csv", help="The --json fields as CSV, with a header.")]
+
+
 def usage(
     account: Annotated[str | None, typer.Option(help="Only this account's requests.")] = None,
+    key: KeyOpt = None,
     since: SinceOpt = None,
     until: UntilOpt = None,
+    group_by: GroupOpt = None,
     limit: CountOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,
+    as_csv: CsvOpt = False,
     verbose: VerboseOpt = False,
     wide: WideOpt = False,
 ) -> None:
-    """Ledger rows, one per request that reached an upstream; the table shows the newest."""
+    """Ledger rows, one per request that reached an upstream (the table shows the newest),
+    or with --group-by their totals per day, model, key and/or account."""
     since_us = None if since is None else parse_time("--since", since)
     until_us = None if until is None else parse_time("--until", until)
+    if as_csv and as_json:
+        raise CliError("--csv or --json, not both")
+    groups: list[str] = []
+    if group_by is not None:
+        try:
+            groups = parse_group_by(group_by)
+        except ValueError as exc:
+            raise CliError(f"--group-by: {exc}") from None
+        if limit is not None:
+            raise CliError("--limit counts ledger rows: --group-by shows every group's total")
 
-    async def read(store: Store, _: Config) -> tuple[list[LedgerRow], dict[str, str]]:
-        rows = await store.usage(account, since_us)
-        names = {a.id: a.name for a in await store.list_accounts()}
-        return rows, names
+    async def read(store: Store, _: Config) -> tuple[list[Any], dict[str, str]]:
+        key_id = None if key is None else await resolve(store, key)
+        if groups:
+            found: list[Any] = await store.usage_totals(groups, account, key_id, since_us, until_us)
+        else:
+            found = await store.usage(account, since_us, until_us, key_id)
+        return found, {a.id: a.name for a in await store.list_accounts()}
 
-    rows, names = with_store(read, config, verbose)
-    if until_us is not None:
-        rows = [r for r in rows if r.created_at < until_us]
-    count = (None if as_json else TABLE_LIMIT) if limit is None else limit
+    found, names = with_store(read, config, verbose)
+    if groups:
+        totals = usage_totals_json(found, groups, names)
+        fields = [USAGE_GROUPS[g] for g in groups] + list(USAGE_TOTALS)
+        if as_csv:
+            sys.stdout.write(csv_text(totals, fields))
+        else:
+            emit(as_json, totals, lambda: show_totals(totals, groups, wide=wide))
+        return
+    rows: list[LedgerRow] = found
+    count = (None if as_json or as_csv else TABLE_LIMIT) if limit is None else limit
     shown = rows[-count:] if count else rows  # the ledger is oldest first
+    if as_csv:
+        sys.stdout.write(csv_text([ledger_json(r, names) for r in shown], ledger_fields()))
+        return
     emit(
         as_json,
         [ledger_json(r, names) for r in shown],
@@ -118,3 +185,33 @@ def show_usage(
             )  # fmt: skip
     legend = ["~ an estimated cost (the upstream reported no usage)"]
     show(table, wide, summary, *(legend if any(r.estimated for r in shown) else []))
+
+
+GROUP_COLUMNS: dict[str, tuple[str, Kind]] = {
+    "day": ("day (UTC)", "id"), "model": ("model", "text"), "key": ("key", "id"),
+    "account": ("account", "text"),
+}  # fmt: skip
+
+
+def show_totals(totals: list[dict[str, Any]], groups: list[str], *, wide: bool) -> None:
+    """One line per group (``usage_totals_json`` items); cached and uncharged in --wide."""
+    columns = [GROUP_COLUMNS[g] for g in groups] + [("requests", "number"), ("in", "number")]
+    columns += [("cached", "number")] if wide else []
+    columns += [("out", "number"), ("cost", "number")]
+    columns += [("uncharged", "number")] if wide else []
+    table = new_table(columns, wide=wide)
+    short = short_ids(t["key_id"] for t in totals if "key_id" in t)
+    for t in totals:
+        cells = [str(t[USAGE_GROUPS[g]]) for g in groups]
+        if "key" in groups and not wide:
+            cells[groups.index("key")] = short[t["key_id"]]
+        cells += [f"{t['requests']:,}", f"{t['input_tokens']:,}"]
+        cells += [f"{t['cached_input_tokens']:,}"] if wide else []
+        cells += [f"{t['output_tokens']:,}", dollars(t["cost"])]
+        cells += [dollars(t["uncharged"])] if wide else []
+        add_row(table, wide, *cells)
+    requests = sum(t["requests"] for t in totals)
+    cost = sum(parse_usd(t["cost"]) for t in totals)
+    uncharged = sum(parse_usd(t["uncharged"]) for t in totals)
+    summary = f"{plural(len(totals), 'group')}: {plural(requests, 'request')}, {usd(cost)}"
+    show(table, wide, summary + (f", {usd(uncharged)} uncharged" if uncharged else ""))

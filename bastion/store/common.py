@@ -6,25 +6,28 @@ the SELECT lists, column orders and row conversions live here once.
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from dataclasses import dataclass, replace
 from typing import Any
 
-from bastion.store import ApiKey, LedgerRow, RowRejected, StoreError
+from bastion.periods import RESETS
+from bastion.store import UNCHANGED, ApiKey, LedgerRow, RowRejected, StoreError, Unchanged
 
 # The most a BIGINT column holds: a row beyond it is refused before it reaches the driver.
 BIGINT_MAX = 2**63 - 1
 
 KEY_SELECT = """
 SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.rpm, k.tpm,
-       k.revoked, k.created_at
+       k.revoked, k.created_at, k.spend_limit, k.limit_reset, k.expires_at, k.models
 FROM api_keys k JOIN accounts a ON a.id = k.account_id
 """
 
 LEDGER_COLUMNS = (
     "request_id, account_id, key_id, model, endpoint, input_tokens, output_tokens,"
-    " cost, estimated, status, created_at, cached_input_tokens, reasoning_tokens, uncharged"
+    " cost, estimated, status, created_at, cached_input_tokens, reasoning_tokens, uncharged,"
+    " key_period"
 )
 
 
@@ -38,7 +41,7 @@ def live_leases(cutoff: str) -> str:
 def account_select(cutoff: str, cast: str = "") -> str:
     return f"""
 SELECT a.id, a.name, a.balance, a.spent, {live_leases(cutoff)}{cast}, a.created_at,
-       a.uncharged
+       a.uncharged, a.alert_below
 FROM accounts a
 """
 
@@ -58,8 +61,60 @@ def check_limits(rpm: int | None, tpm: int | None) -> None:
             raise StoreError(f"{label} must be 0 (unlimited) or positive, got {value}")
 
 
+def check_key_fields(
+    spend_limit: int | Unchanged | None,
+    limit_reset: str | None,
+    expires_at: int | Unchanged | None,
+    models: frozenset[str] | Unchanged | None,
+) -> None:
+    """Refuse values the gateway could not enforce, before they reach the database."""
+    if isinstance(spend_limit, int) and not 0 <= spend_limit <= BIGINT_MAX:
+        raise StoreError(f"the spend limit must be 0 or positive, got {spend_limit}")
+    if limit_reset is not None and limit_reset not in RESETS:
+        raise StoreError(f"unknown limit reset {limit_reset!r}: use one of {', '.join(RESETS)}")
+    if isinstance(expires_at, int) and not 0 <= expires_at <= BIGINT_MAX:
+        raise StoreError(f"expires_at must be µs since the epoch, got {expires_at}")
+    if isinstance(models, frozenset):
+        if not models:
+            raise StoreError("a model list must name at least one model (None allows all)")
+        if not all(isinstance(m, str) and m for m in models):
+            raise StoreError("model names must be non-empty strings")
+
+
+def key_changes(
+    rpm: int | None,
+    tpm: int | None,
+    spend_limit: int | Unchanged | None,
+    limit_reset: str | None,
+    expires_at: int | Unchanged | None,
+    models: frozenset[str] | Unchanged | None,
+) -> dict[str, Any]:
+    """The api_keys columns an ``update_key`` call sets, as stored (None: "unchanged"
+    for rpm, tpm and limit_reset; ``UNCHANGED`` for the fields that may be cleared)."""
+    changes: dict[str, Any] = {}
+    if rpm is not None:
+        changes["rpm"] = rpm
+    if tpm is not None:
+        changes["tpm"] = tpm
+    if spend_limit is not UNCHANGED:
+        changes["spend_limit"] = spend_limit
+    if limit_reset is not None:
+        changes["limit_reset"] = limit_reset
+    if expires_at is not UNCHANGED:
+        changes["expires_at"] = expires_at
+    if models is not UNCHANGED:
+        changes["models"] = models_text(models)
+    return changes
+
+
+def models_text(models: frozenset[str] | None) -> str | None:
+    """A model allow-list as stored: a sorted JSON array, or NULL for "all models"."""
+    return None if models is None else json.dumps(sorted(models))
+
+
 def api_key(row: tuple[Any, ...]) -> ApiKey:
-    kid, account_id, account_name, name, prefix, key_hash, rpm, tpm, revoked, created = row
+    (kid, account_id, account_name, name, prefix, key_hash, rpm, tpm, revoked, created,
+     spend_limit, limit_reset, expires_at, models) = row  # fmt: skip
     return ApiKey(
         id=kid,
         account_id=account_id,
@@ -71,6 +126,10 @@ def api_key(row: tuple[Any, ...]) -> ApiKey:
         tpm=tpm,
         revoked=bool(revoked),
         created_at=created,
+        spend_limit=spend_limit,
+        limit_reset=limit_reset,
+        expires_at=expires_at,
+        models=None if models is None else frozenset(json.loads(models)),
     )
 
 
@@ -79,6 +138,7 @@ def ledger_values(row: LedgerRow) -> tuple[Any, ...]:
         row.request_id, row.account_id, row.key_id, row.model, row.endpoint,
         row.input_tokens, row.output_tokens, row.cost, int(row.estimated), row.status,
         row.created_at, row.cached_input_tokens, row.reasoning_tokens, row.uncharged,
+        row.key_period,
     )  # fmt: skip
 
 

@@ -71,22 +71,27 @@ def load_migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-def migrate_sqlite(conn: sqlite3.Connection) -> list[int]:
+def pending(done: set[int], upto: int | None) -> list[Migration]:
+    """The migrations not applied yet, in order; ``upto``: none numbered above it."""
+    wanted = [m for m in load_migrations() if m.version not in done]
+    return [m for m in wanted if upto is None or m.version <= upto]
+
+
+def migrate_sqlite(conn: sqlite3.Connection, upto: int | None = None) -> list[int]:
     """Apply pending migrations in one write transaction; returns the versions applied.
 
     ``BEGIN IMMEDIATE`` takes SQLite's write lock before reading what is applied, so
     several processes migrating at once serialise (each waits up to busy_timeout) and
     the later ones find nothing left to do. SQLite DDL is transactional, so a failed
     migration leaves nothing half-applied. ``conn`` must be in autocommit mode.
+    ``upto`` stops after that version: tests build an older release's schema with it.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(SCHEMA_MIGRATIONS)
         done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
         applied: list[int] = []
-        for migration in load_migrations():
-            if migration.version in done:
-                continue
+        for migration in pending(done, upto):
             for statement in migration.statements:
                 conn.execute(statement)
             conn.execute(
@@ -104,22 +109,21 @@ def migrate_sqlite(conn: sqlite3.Connection) -> list[int]:
 MIGRATION_LOCK_ID = 0x62617374696F6E  # "bastion" in ASCII: the advisory lock key for migrations
 
 
-async def migrate_postgres(conn: asyncpg.Connection) -> list[int]:
+async def migrate_postgres(conn: asyncpg.Connection, upto: int | None = None) -> list[int]:
     """Apply pending migrations in one transaction; returns the versions applied.
 
     ``pg_advisory_xact_lock`` is taken before reading what is applied, so several
     processes migrating at once serialise (the lock is released at commit or
     rollback) and the later ones find nothing left to do. PostgreSQL DDL is
-    transactional, so a failed migration leaves nothing half-applied.
+    transactional, so a failed migration leaves nothing half-applied. ``upto`` as
+    for ``migrate_sqlite``.
     """
     applied: list[int] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_ID)
         await conn.execute(SCHEMA_MIGRATIONS)
         done = {row[0] for row in await conn.fetch("SELECT version FROM schema_migrations")}
-        for migration in load_migrations():
-            if migration.version in done:
-                continue
+        for migration in pending(done, upto):
             for statement in migration.statements:
                 await conn.execute(statement)
             await conn.execute(

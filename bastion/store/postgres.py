@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -32,17 +32,25 @@ from bastion.auth import generate_key, hash_key
 from bastion.money import format_usd
 from bastion.store import (
     LEASE_TTL_US,
+    UNCHANGED,
     Account,
     ApiKey,
     AuditData,
     Conflict,
+    KeyBudget,
     LedgerRow,
     NotFound,
     Reclaimed,
     RowRejected,
     Snapshot,
     StoreError,
+    Unchanged,
+    UsageTotal,
+    budgets,
+    idempotency,
+    outbox,
     refusals,
+    usage,
 )
 from bastion.store.common import (
     CHECKPOINT_COLUMNS,
@@ -53,14 +61,17 @@ from bastion.store.common import (
     allocate,
     api_key,
     charges,
+    check_key_fields,
     check_limits,
     check_row,
     checkpoint_row,
     checkpoint_values,
     dead_letter_json,
+    key_changes,
     ledger_row,
     ledger_values,
     live_leases,
+    models_text,
     new_id,
     new_rows,
     now_us,
@@ -90,7 +101,7 @@ _INSERT_LEDGER = f"""
 INSERT INTO ledger ({LEDGER_COLUMNS})
 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[], $4::TEXT[], $5::TEXT[],
                      $6::BIGINT[], $7::BIGINT[], $8::BIGINT[], $9::SMALLINT[], $10::TEXT[],
-                     $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], $14::BIGINT[])
+                     $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], $14::BIGINT[], $15::BIGINT[])
 """
 
 _CHECKPOINT = f"""
@@ -253,10 +264,19 @@ class PostgresStore:
                 )
             return await _account(conn, name, self.ttl)
 
-    async def credit_account(self, name: str, amount: int) -> Account:
+    async def credit_account(
+        self, name: str, amount: int, idempotency_key: str | None = None
+    ) -> Account:
+        """``idempotency_key``: a repeat of the same top-up is answered, not applied."""
         if amount == 0:
             raise StoreError("credit amount must not be zero")
+        idempotency.check_key(idempotency_key)
         async with self._write() as conn:
+            if idempotency_key is not None:  # idempotency.py: the key's row first, then ours
+                request = idempotency.credit_request(name, amount)
+                first = await idempotency.pg_claim(conn, idempotency_key, request, now_us())
+                if first is not None:
+                    return first
             # Lock first: leases and ledger charges of this account wait until we commit,
             # so the balance and the leases read below cannot move under the check.
             await conn.execute("SELECT 1 FROM accounts WHERE name = $1 FOR UPDATE", name)
@@ -278,7 +298,12 @@ class PostgresStore:
             await conn.execute(
                 "UPDATE accounts SET balance = balance + $1 WHERE id = $2", amount, account.id
             )
-            return await _account(conn, name, self.ttl)
+            # webhooks: a take-back through the balance alert, in this transaction
+            await outbox.pg_insert(conn, outbox.credit_events(account, amount, now_us()))
+            answer = await _account(conn, name, self.ttl)
+            if idempotency_key is not None:
+                await idempotency.pg_answer(conn, idempotency_key, answer)
+            return answer
 
     async def get_account(self, name: str) -> Account:
         async with self._read() as conn:
@@ -292,15 +317,26 @@ class PostgresStore:
     # ---- keys -----------------------------------------------------------------------
 
     async def create_key(
-        self, account: str, name: str = "", rpm: int | None = None, tpm: int | None = None
+        self,
+        account: str,
+        name: str = "",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        *,
+        spend_limit: int | None = None,
+        limit_reset: str = "never",
+        expires_at: int | None = None,
+        models: frozenset[str] | None = None,
     ) -> tuple[ApiKey, str]:
         check_limits(rpm, tpm)
+        check_key_fields(spend_limit, limit_reset, expires_at, models)
         key_id, plaintext = new_id("key_"), generate_key()
         async with self._write() as conn:
             owner = await _account(conn, account)
             await conn.execute(
                 "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, rpm, tpm,"
-                " revoked, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8, $8)",
+                " spend_limit, limit_reset, expires_at, models, revoked, created_at, updated_at)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, 0, $12, $12)",
                 key_id,
                 owner.id,
                 name,
@@ -308,6 +344,10 @@ class PostgresStore:
                 hash_key(plaintext),
                 rpm,
                 tpm,
+                spend_limit,
+                limit_reset,
+                expires_at,
+                models_text(models),
                 now_us(),
             )
             return await _key(conn, key_id), plaintext
@@ -324,20 +364,48 @@ class PostgresStore:
         return [api_key(row) for row in rows]
 
     async def update_key(
-        self, key_id: str, rpm: int | None = None, tpm: int | None = None
+        self,
+        key_id: str,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        *,
+        spend_limit: int | Unchanged | None = UNCHANGED,
+        limit_reset: str | None = None,
+        expires_at: int | Unchanged | None = UNCHANGED,
+        models: frozenset[str] | Unchanged | None = UNCHANGED,
     ) -> ApiKey:
+        """Set the given fields, leave the rest; always stamps updated_at."""
         check_limits(rpm, tpm)
+        check_key_fields(spend_limit, limit_reset, expires_at, models)
+        changes = key_changes(rpm, tpm, spend_limit, limit_reset, expires_at, models)
+        changes["updated_at"] = now_us()
+        sets = ", ".join(f"{column} = ${n}" for n, column in enumerate(changes, start=1))
         async with self._write() as conn:
             await _key(conn, key_id)
             await conn.execute(
-                "UPDATE api_keys SET rpm = COALESCE($1, rpm), tpm = COALESCE($2, tpm),"
-                " updated_at = $3 WHERE id = $4",
-                rpm,
-                tpm,
-                now_us(),
+                f"UPDATE api_keys SET {sets} WHERE id = ${len(changes) + 1}",
+                *changes.values(),
                 key_id,
             )
             return await _key(conn, key_id)
+
+    async def key_spent(self, key_id: str, since_us: int) -> int:
+        """Σ ledger cost of the key's rows created at or after ``since_us``."""
+        async with self._read() as conn:
+            total = await conn.fetchval(
+                "SELECT COALESCE(SUM(cost), 0) FROM ledger"
+                " WHERE key_id = $1 AND COALESCE(key_period, created_at) >= $2",
+                key_id,
+                since_us,
+            )
+        return int(total)
+
+    async def ledger_row(self, request_id: str) -> LedgerRow | None:
+        async with self._read() as conn:
+            found = await conn.fetchrow(
+                f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE request_id = $1", request_id
+            )
+        return None if found is None else ledger_row(found)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         """Idempotent: revoking a revoked key keeps its first revocation time."""
@@ -354,22 +422,30 @@ class PostgresStore:
     # ---- ledger ---------------------------------------------------------------------
 
     async def usage(
-        self, account: str | None = None, since_us: int | None = None
+        self,
+        account: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        key_id: str | None = None,
     ) -> list[LedgerRow]:
+        """Ledger rows, oldest first: at or after ``since_us``, before ``until_us``."""
         async with self._read() as conn:
-            where: list[str] = []
-            params: list[Any] = []
-            if account is not None:
-                params.append((await _account(conn, account)).id)
-                where.append(f"account_id = ${len(params)}")
-            if since_us is not None:
-                params.append(since_us)
-                where.append(f"created_at >= ${len(params)}")
-            sql = f"SELECT {LEDGER_COLUMNS} FROM ledger"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            rows = await conn.fetch(sql + " ORDER BY created_at, request_id", *params)
-        return [ledger_row(row) for row in rows]
+            account_id = None if account is None else (await _account(conn, account)).id
+            return await usage.pg_rows(conn, account_id, key_id, since_us, until_us)
+
+    async def usage_totals(
+        self,
+        group_by: Sequence[str],
+        account: str | None = None,
+        key_id: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> list[UsageTotal]:
+        """The rows ``usage`` would give, summed per group (bastion/store/usage.py)."""
+        usage.check_groups(group_by)
+        async with self._read() as conn:
+            account_id = None if account is None else (await _account(conn, account)).id
+            return await usage.pg_totals(conn, group_by, account_id, key_id, since_us, until_us)
 
     async def add_refusals(self, rows: list[Refusal]) -> None:
         if rows:
@@ -421,6 +497,7 @@ class PostgresStore:
                 if missing := {r.account_id for r in batch} - set(funds):
                     raise RowRejected(f"ledger rows for unknown accounts {sorted(missing)}")
                 batch = allocate(batch, funds)
+                batch = await budgets.pg_charge(conn, batch, gateway_id, self.ttl)  # key limits
                 if batch:
                     await conn.execute(_INSERT_LEDGER, *_columns(batch))
                 money, taken = charges(batch)
@@ -431,6 +508,7 @@ class PostgresStore:
                 )
                 if gateway_id is not None:
                     await _shrink_leases(conn, gateway_id, taken)
+                await outbox.pg_ledger(conn, batch, now_us())  # webhooks: in this transaction
         except (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError) as exc:
             raise RowRejected(str(exc)) from exc
         return batch
@@ -478,6 +556,7 @@ class PostgresStore:
                     "SELECT request_id, account_id, error FROM dead_letters ORDER BY created_at"
                 )
             ]
+            key_budgets = tuple(await budgets.pg_audit(conn, self.ttl))
         return AuditData(
             accounts=accounts,
             grants={a: int(v) for a, v in grants.items()},
@@ -485,7 +564,54 @@ class PostgresStore:
             leases=live,
             stale_leases=stale,
             dead_letters=dead,  # type: ignore[arg-type]
+            key_budgets=key_budgets,
         )
+
+    # ---- webhooks (bastion/store/outbox.py) -----------------------------------------
+
+    async def update_account(
+        self, name: str, *, alert_below: int | Unchanged | None = UNCHANGED
+    ) -> Account:
+        """Set the balance alert (None: off); setting it records no event by itself."""
+        outbox.check_alert(alert_below)
+        async with self._write() as conn:
+            account = await _account(conn, name, self.ttl)
+            if alert_below is not UNCHANGED:
+                await conn.execute(
+                    "UPDATE accounts SET alert_below = $1 WHERE id = $2", alert_below, account.id
+                )
+            return await _account(conn, name, self.ttl)
+
+    async def add_event(self, event_id: str, type: str, data: dict[str, Any]) -> None:
+        """Record an event for the webhook; a repeated ``event_id`` is a no-op (for as long
+        as the event is kept: until a week after it was delivered or given up)."""
+        row = outbox.checked_event(event_id, type, data, now_us())
+        async with self._write() as conn:
+            await outbox.pg_insert(conn, [row])
+
+    async def claim_events(
+        self, claimer: str, limit: int, hold_us: int
+    ) -> list[outbox.OutboxEvent]:
+        """Up to ``limit`` due events, oldest first, held for ``claimer`` for ``hold_us``;
+        rows another replica is claiming at the same moment are skipped (SKIP LOCKED)."""
+        async with self._write() as conn:
+            return await outbox.pg_claim(conn, claimer, limit, hold_us)
+
+    async def event_delivered(self, event_id: str) -> None:
+        async with self._write() as conn:
+            await outbox.pg_delivered(conn, event_id)
+
+    async def event_failed(
+        self, event_id: str, claimer: str, error: str | None, retry_in_us: int | None
+    ) -> None:
+        """Retry after ``retry_in_us`` (None: give up); only while ``claimer`` holds it."""
+        async with self._write() as conn:
+            await outbox.pg_failed(conn, event_id, claimer, error, retry_in_us)
+
+    async def prune_events(self, keep_us: int) -> int:
+        """Delete events delivered or given up more than ``keep_us`` ago; how many."""
+        async with self._write() as conn:
+            return await outbox.pg_prune(conn, keep_us)
 
     # ---- gateways -------------------------------------------------------------------
 
@@ -576,6 +702,35 @@ class PostgresStore:
             async with self._write() as conn:
                 await _shrink_leases(conn, gateway_id, amounts)
 
+    # ---- key spend limits (bastion/store/budgets.py) ----------------------------------
+
+    async def lease_key(
+        self, gateway_id: str, key_id: str, period_start: int, want: int
+    ) -> tuple[int, int]:
+        """Grant up to ``want`` of what is left of the key's limit in the period (never
+        more than limit − spent − the live leases): (granted, still unleased)."""
+        async with self._write() as conn:
+            await _touch(conn, gateway_id)
+            return await budgets.pg_lease(conn, gateway_id, key_id, period_start, want, self.ttl)
+
+    async def release_keys(self, gateway_id: str, amounts: dict[tuple[str, int], int]) -> None:
+        """Give leased key budget back (never below zero)."""
+        if amounts:
+            async with self._write() as conn:
+                await budgets.pg_shrink(conn, gateway_id, amounts)
+
+    async def sync_key_lease(
+        self, gateway_id: str, key_id: str, period_start: int, amount: int
+    ) -> int:
+        """``sync_lease`` for a key budget lease: both become the smaller value."""
+        async with self._write() as conn:
+            return await budgets.pg_sync(conn, gateway_id, key_id, period_start, amount)
+
+    async def key_budget(self, key_id: str, period_start: int) -> KeyBudget | None:
+        """The key's budget for the period starting then; None if it was never used."""
+        async with self._read() as conn:
+            return await budgets.pg_read(conn, key_id, period_start, self.ttl)
+
     async def retire(self, gateway_id: str) -> None:
         """A clean shutdown: every lease of this gateway goes back at once."""
         async with self._write() as conn:
@@ -620,9 +775,11 @@ class PostgresStore:
                 f"SELECT {CHECKPOINT_COLUMNS} FROM inflight i WHERE NOT EXISTS"
                 " (SELECT 1 FROM gateways g WHERE g.id = i.gateway_id) LIMIT 1000"
             )
+            resets = await budgets.pg_resets(conn, {r[3] for r in found}) if found else {}
         if not found:
             return []
-        written = await self.write_ledger([checkpoint_row(tuple(r)) for r in found])
+        rows = budgets.attribute([checkpoint_row(tuple(r)) for r in found], resets)
+        written = await self.write_ledger(rows)
         async with self._write() as conn:
             await conn.execute(
                 "DELETE FROM inflight WHERE request_id = ANY($1::TEXT[])", [r[0] for r in found]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,17 +22,25 @@ from bastion.auth import generate_key, hash_key
 from bastion.money import format_usd
 from bastion.store import (
     LEASE_TTL_US,
+    UNCHANGED,
     Account,
     ApiKey,
     AuditData,
     Conflict,
+    KeyBudget,
     LedgerRow,
     NotFound,
     Reclaimed,
     RowRejected,
     Snapshot,
     StoreError,
+    Unchanged,
+    UsageTotal,
+    budgets,
+    idempotency,
+    outbox,
     refusals,
+    usage,
 )
 from bastion.store.common import (
     CHECKPOINT_COLUMNS,
@@ -43,14 +51,17 @@ from bastion.store.common import (
     allocate,
     api_key,
     charges,
+    check_key_fields,
     check_limits,
     check_row,
     checkpoint_row,
     checkpoint_values,
     dead_letter_json,
+    key_changes,
     ledger_row,
     ledger_values,
     live_leases,
+    models_text,
     new_id,
     new_rows,
     now_us,
@@ -183,13 +194,24 @@ class SQLiteStore:
                 )
         return self._account(conn, name)
 
-    async def credit_account(self, name: str, amount: int) -> Account:
+    async def credit_account(
+        self, name: str, amount: int, idempotency_key: str | None = None
+    ) -> Account:
+        """``idempotency_key``: a repeat of the same top-up is answered, not applied."""
         if amount == 0:
             raise StoreError("credit amount must not be zero")
-        return await self._run(self._credit_account, name, amount)
+        idempotency.check_key(idempotency_key)
+        return await self._run(self._credit_account, name, amount, idempotency_key)
 
-    def _credit_account(self, conn: sqlite3.Connection, name: str, amount: int) -> Account:
+    def _credit_account(
+        self, conn: sqlite3.Connection, name: str, amount: int, key: str | None
+    ) -> Account:
         with self._write(conn):
+            if key is not None:  # idempotency.py: claimed first, answered in this transaction
+                request = idempotency.credit_request(name, amount)
+                first = idempotency.sqlite_claim(conn, key, request, now_us())
+                if first is not None:
+                    return first
             account = self._account(conn, name)
             if account.balance - account.reserved + amount < 0:
                 held = f" ({format_usd(account.reserved)} USD held by running gateways)"
@@ -205,6 +227,12 @@ class SQLiteStore:
             conn.execute(
                 "UPDATE accounts SET balance = balance + ? WHERE id = ?", (amount, account.id)
             )
+            # webhooks: a take-back through the balance alert, in this transaction
+            outbox.sqlite_insert(conn, outbox.credit_events(account, amount, now_us()))
+            if key is not None:
+                answer = self._account(conn, name)
+                idempotency.sqlite_answer(conn, key, answer)
+                return answer
         return self._account(conn, name)
 
     async def get_account(self, name: str) -> Account:
@@ -228,21 +256,33 @@ class SQLiteStore:
     # ---- keys -----------------------------------------------------------------------
 
     async def create_key(
-        self, account: str, name: str = "", rpm: int | None = None, tpm: int | None = None
+        self,
+        account: str,
+        name: str = "",
+        rpm: int | None = None,
+        tpm: int | None = None,
+        *,
+        spend_limit: int | None = None,
+        limit_reset: str = "never",
+        expires_at: int | None = None,
+        models: frozenset[str] | None = None,
     ) -> tuple[ApiKey, str]:
         check_limits(rpm, tpm)
-        return await self._run(self._create_key, account, name, rpm, tpm)
+        check_key_fields(spend_limit, limit_reset, expires_at, models)
+        fields = (rpm, tpm, spend_limit, limit_reset, expires_at, models_text(models))
+        return await self._run(self._create_key, account, name, fields)
 
     def _create_key(
-        self, conn: sqlite3.Connection, account: str, name: str, rpm: int | None, tpm: int | None
+        self, conn: sqlite3.Connection, account: str, name: str, fields: tuple[Any, ...]
     ) -> tuple[ApiKey, str]:
         key_id, plaintext, now = new_id("key_"), generate_key(), now_us()
         with self._write(conn):
             owner = self._account(conn, account)
             conn.execute(
                 "INSERT INTO api_keys (id, account_id, name, prefix, key_hash, rpm, tpm,"
-                " revoked, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
-                (key_id, owner.id, name, plaintext[:12], hash_key(plaintext), rpm, tpm, now, now),
+                " spend_limit, limit_reset, expires_at, models, revoked, created_at,"
+                " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?)",
+                (key_id, owner.id, name, plaintext[:12], hash_key(plaintext), *fields, now, now),
             )
         return self._key(conn, key_id), plaintext
 
@@ -267,21 +307,54 @@ class SQLiteStore:
         return api_key(row)
 
     async def update_key(
-        self, key_id: str, rpm: int | None = None, tpm: int | None = None
+        self,
+        key_id: str,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        *,
+        spend_limit: int | Unchanged | None = UNCHANGED,
+        limit_reset: str | None = None,
+        expires_at: int | Unchanged | None = UNCHANGED,
+        models: frozenset[str] | Unchanged | None = UNCHANGED,
     ) -> ApiKey:
+        """Set the given fields, leave the rest; always stamps updated_at."""
         check_limits(rpm, tpm)
+        check_key_fields(spend_limit, limit_reset, expires_at, models)
+        changes = key_changes(rpm, tpm, spend_limit, limit_reset, expires_at, models)
+        changes["updated_at"] = now_us()
+        sets = ", ".join(f"{column} = ?" for column in changes)
 
         def _update(conn: sqlite3.Connection) -> ApiKey:
             with self._write(conn):
                 self._key(conn, key_id)
                 conn.execute(
-                    "UPDATE api_keys SET rpm = COALESCE(?, rpm), tpm = COALESCE(?, tpm),"
-                    " updated_at = ? WHERE id = ?",
-                    (rpm, tpm, now_us(), key_id),
+                    f"UPDATE api_keys SET {sets} WHERE id = ?", (*changes.values(), key_id)
                 )
             return self._key(conn, key_id)
 
         return await self._run(_update)
+
+    async def key_spent(self, key_id: str, since_us: int) -> int:
+        """Σ ledger cost of the key's rows created at or after ``since_us``."""
+
+        def _spent(conn: sqlite3.Connection) -> int:
+            (total,) = conn.execute(
+                "SELECT COALESCE(SUM(cost), 0) FROM ledger"
+                " WHERE key_id = ? AND COALESCE(key_period, created_at) >= ?",
+                (key_id, since_us),
+            ).fetchone()
+            return int(total)
+
+        return await self._run(_spent)
+
+    async def ledger_row(self, request_id: str) -> LedgerRow | None:
+        def _row(conn: sqlite3.Connection) -> LedgerRow | None:
+            found = conn.execute(
+                f"SELECT {LEDGER_COLUMNS} FROM ledger WHERE request_id = ?", (request_id,)
+            ).fetchone()
+            return None if found is None else ledger_row(found)
+
+        return await self._run(_row)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         """Idempotent: revoking a revoked key keeps its first revocation time."""
@@ -301,23 +374,36 @@ class SQLiteStore:
     # ---- ledger ---------------------------------------------------------------------
 
     async def usage(
-        self, account: str | None = None, since_us: int | None = None
+        self,
+        account: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+        key_id: str | None = None,
     ) -> list[LedgerRow]:
+        """Ledger rows, oldest first: at or after ``since_us``, before ``until_us``."""
+
         def _usage(conn: sqlite3.Connection) -> list[LedgerRow]:
-            where, params = [], []
-            if account is not None:
-                where.append("account_id = ?")
-                params.append(self._account(conn, account).id)
-            if since_us is not None:
-                where.append("created_at >= ?")
-                params.append(since_us)
-            sql = f"SELECT {LEDGER_COLUMNS} FROM ledger"
-            if where:
-                sql += " WHERE " + " AND ".join(where)
-            rows = conn.execute(sql + " ORDER BY created_at, request_id", params)
-            return [ledger_row(row) for row in rows]
+            account_id = None if account is None else self._account(conn, account).id
+            return usage.sqlite_rows(conn, account_id, key_id, since_us, until_us)
 
         return await self._run(_usage)
+
+    async def usage_totals(
+        self,
+        group_by: Sequence[str],
+        account: str | None = None,
+        key_id: str | None = None,
+        since_us: int | None = None,
+        until_us: int | None = None,
+    ) -> list[UsageTotal]:
+        """The rows ``usage`` would give, summed per group (bastion/store/usage.py)."""
+        usage.check_groups(group_by)
+
+        def _totals(conn: sqlite3.Connection) -> list[UsageTotal]:
+            account_id = None if account is None else self._account(conn, account).id
+            return usage.sqlite_totals(conn, group_by, account_id, key_id, since_us, until_us)
+
+        return await self._run(_totals)
 
     async def add_refusals(self, rows: list[Refusal]) -> None:
         def _add(conn: sqlite3.Connection) -> None:
@@ -368,8 +454,9 @@ class SQLiteStore:
                 if missing := sorted(a for a, f in funds.items() if f is None):
                     raise RowRejected(f"ledger rows for unknown accounts {missing}")
                 batch = allocate(batch, funds)  # type: ignore[arg-type]
+                batch = budgets.sqlite_charge(conn, batch, gateway_id, now_us() - self.ttl)
                 conn.executemany(  # one C loop: the worker holds the GIL as little as it can
-                    f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES ({','.join('?' * 14)})",
+                    f"INSERT INTO ledger ({LEDGER_COLUMNS}) VALUES ({','.join('?' * 15)})",
                     [ledger_values(row) for row in batch],
                 )
                 money, taken = charges(batch)
@@ -380,6 +467,7 @@ class SQLiteStore:
                 )
                 if gateway_id is not None:
                     self._shrink_leases(conn, gateway_id, taken)
+                outbox.sqlite_ledger(conn, batch, now_us())  # webhooks: in this transaction
         except (sqlite3.IntegrityError, OverflowError) as exc:
             raise RowRejected(str(exc)) from exc
         return batch
@@ -436,9 +524,81 @@ class SQLiteStore:
                         "SELECT request_id, account_id, error FROM dead_letters ORDER BY created_at"
                     )
                 ]
-            return AuditData(accounts, grants, ledger, live, stale, dead)  # type: ignore[arg-type]
+                key_budgets = tuple(budgets.sqlite_audit(conn, cutoff))
+            return AuditData(accounts, grants, ledger, live, stale, dead, key_budgets)  # type: ignore[arg-type]
 
         return await self._run(_read)
+
+    # ---- webhooks (bastion/store/outbox.py) -----------------------------------------
+
+    async def update_account(
+        self, name: str, *, alert_below: int | Unchanged | None = UNCHANGED
+    ) -> Account:
+        """Set the balance alert (None: off); setting it records no event by itself."""
+        outbox.check_alert(alert_below)
+
+        def _update(conn: sqlite3.Connection) -> Account:
+            with self._write(conn):
+                account = self._account(conn, name)
+                if alert_below is not UNCHANGED:
+                    conn.execute(
+                        "UPDATE accounts SET alert_below = ? WHERE id = ?",
+                        (alert_below, account.id),
+                    )
+            return self._account(conn, name)
+
+        return await self._run(_update)
+
+    async def add_event(self, event_id: str, type: str, data: dict[str, Any]) -> None:
+        """Record an event for the webhook; a repeated ``event_id`` is a no-op (for as long
+        as the event is kept: until a week after it was delivered or given up)."""
+        row = outbox.checked_event(event_id, type, data, now_us())
+
+        def _add(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                outbox.sqlite_insert(conn, [row])
+
+        await self._run(_add)
+
+    async def claim_events(
+        self, claimer: str, limit: int, hold_us: int
+    ) -> list[outbox.OutboxEvent]:
+        """Up to ``limit`` due events, oldest first, held for ``claimer`` for ``hold_us``."""
+
+        def _claim(conn: sqlite3.Connection) -> list[outbox.OutboxEvent]:
+            if not outbox.sqlite_any_due(conn, now_us()):  # the usual answer, without a lock
+                return []
+            with self._write(conn):
+                return outbox.sqlite_claim(conn, claimer, limit, hold_us, now_us())
+
+        return await self._run(_claim)
+
+    async def event_delivered(self, event_id: str) -> None:
+        def _done(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                outbox.sqlite_delivered(conn, event_id, now_us())
+
+        await self._run(_done)
+
+    async def event_failed(
+        self, event_id: str, claimer: str, error: str | None, retry_in_us: int | None
+    ) -> None:
+        """Retry after ``retry_in_us`` (None: give up); only while ``claimer`` holds it."""
+
+        def _failed(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                outbox.sqlite_failed(conn, event_id, claimer, error, retry_in_us, now_us())
+
+        await self._run(_failed)
+
+    async def prune_events(self, keep_us: int) -> int:
+        """Delete events delivered or given up more than ``keep_us`` ago; how many."""
+
+        def _prune(conn: sqlite3.Connection) -> int:
+            with self._write(conn):
+                return outbox.sqlite_prune(conn, now_us() - keep_us)
+
+        return await self._run(_prune)
 
     # ---- gateways -------------------------------------------------------------------
 
@@ -534,6 +694,53 @@ class SQLiteStore:
         if amounts:
             await self._run(_release)
 
+    # ---- key spend limits (bastion/store/budgets.py) ----------------------------------
+
+    async def lease_key(
+        self, gateway_id: str, key_id: str, period_start: int, want: int
+    ) -> tuple[int, int]:
+        """Grant up to ``want`` of what is left of the key's limit in the period (never
+        more than limit − spent − the live leases): (granted, still unleased)."""
+
+        def _lease(conn: sqlite3.Connection) -> tuple[int, int]:
+            now = now_us()
+            with self._write(conn):
+                self._touch(conn, gateway_id, now)
+                return budgets.sqlite_lease(
+                    conn, gateway_id, key_id, period_start, want, now - self.ttl
+                )
+
+        return await self._run(_lease)
+
+    async def release_keys(self, gateway_id: str, amounts: dict[tuple[str, int], int]) -> None:
+        """Give leased key budget back (never below zero)."""
+
+        def _release(conn: sqlite3.Connection) -> None:
+            with self._write(conn):
+                budgets.sqlite_shrink(conn, gateway_id, amounts)
+
+        if amounts:
+            await self._run(_release)
+
+    async def sync_key_lease(
+        self, gateway_id: str, key_id: str, period_start: int, amount: int
+    ) -> int:
+        """``sync_lease`` for a key budget lease: both become the smaller value."""
+
+        def _sync(conn: sqlite3.Connection) -> int:
+            with self._write(conn):
+                return budgets.sqlite_sync(conn, gateway_id, key_id, period_start, amount)
+
+        return await self._run(_sync)
+
+    async def key_budget(self, key_id: str, period_start: int) -> KeyBudget | None:
+        """The key's budget for the period starting then; None if it was never used."""
+
+        def _read(conn: sqlite3.Connection) -> KeyBudget | None:
+            return budgets.sqlite_read(conn, key_id, period_start, now_us() - self.ttl)
+
+        return await self._run(_read)
+
     async def retire(self, gateway_id: str) -> None:
         """A clean shutdown: every lease of this gateway goes back at once."""
 
@@ -584,20 +791,22 @@ class SQLiteStore:
     async def reclaim_checkpoints(self) -> list[LedgerRow]:
         """Charge the checkpointed streams of gateways that are gone; returns the new rows."""
 
-        def _found(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-            return conn.execute(
+        def _found(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], dict[str, str]]:
+            found = conn.execute(
                 f"SELECT {CHECKPOINT_COLUMNS} FROM inflight i WHERE NOT EXISTS"
                 " (SELECT 1 FROM gateways g WHERE g.id = i.gateway_id) LIMIT 1000"
             ).fetchall()
+            return found, budgets.sqlite_resets(conn, {r[3] for r in found})
 
         def _drop(conn: sqlite3.Connection, ids: list[str]) -> None:
             with self._write(conn):
                 conn.executemany("DELETE FROM inflight WHERE request_id = ?", [(i,) for i in ids])
 
-        found = await self._run(_found)
+        found, resets = await self._run(_found)
         if not found:
             return []
-        written = await self.write_ledger([checkpoint_row(r) for r in found])
+        rows = budgets.attribute([checkpoint_row(r) for r in found], resets)
+        written = await self.write_ledger(rows)
         await self._run(_drop, [r[0] for r in found])
         return written
 
