@@ -741,13 +741,17 @@ def error_response(exc: APIError, request_id: str) -> web.Response:
     )
 
 
+GATEWAY = web.AppKey("gateway", Gateway)
+"""The app's Gateway, for code that holds only the aiohttp application (tests, tools)."""
+
+
 def create_app(config: Config, replicas: int = 1, seat: str = "") -> web.Application:
     """``seat``: where this process serves (host:port/worker), so the next process there
     can reclaim at once what this one held if it dies."""
     gateway = Gateway(config, replicas, seat)
     # the body limit is enforced by read_body; aiohttp's own is set just above it
     app = web.Application(client_max_size=config.server.max_body_bytes + 1)
-    app["gateway"] = gateway
+    app[GATEWAY] = gateway
     app.on_startup.append(gateway.startup)
     app.on_shutdown.append(gateway.drain)
     app.on_cleanup.append(gateway.cleanup)

@@ -27,7 +27,7 @@ from conftest import Gateway, free_port, start, stop
 from openai import AsyncOpenAI
 from test_store import query
 
-from bastion.app import create_app
+from bastion.app import GATEWAY, create_app
 from bastion.audit import problem_count, run_audit
 from bastion.config import load_config
 from bastion.credit import CreditBook
@@ -364,11 +364,11 @@ async def serving(tmp_path: Path, sim: int, slow: int, clock: Clock) -> AsyncIte
     path = tmp_path / "bastion.toml"
     path.write_text(GATEWAY_TOML.format(db=tmp_path / "bastion.db", sim=sim, slow=slow))
     app = create_app(load_config(path))
-    app["gateway"].now_us = clock
+    app[GATEWAY].now_us = clock
     store = open_store(f"sqlite:///{tmp_path / 'bastion.db'}")
     async with TestServer(app) as server:
         try:
-            yield str(server.make_url("/v1")), store, app["gateway"]
+            yield str(server.make_url("/v1")), store, app[GATEWAY]
         finally:
             await store.close()
 
