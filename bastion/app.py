@@ -36,6 +36,7 @@ from bastion.ratelimit import Decision, open_limiter
 from bastion.refusals import COUNTED, RefusalCollector, RefusalCounter
 from bastion.relay import Call, Relay
 from bastion.store import ApiKey, LedgerRow, open_store
+from bastion.store.common import now_us
 from bastion.store.outbox import KEY_LIMIT_REACHED
 from bastion.validation import ClientRequest, parse
 from bastion.webhooks.sender import webhook_sender
@@ -46,6 +47,8 @@ GC_THRESHOLD = 10_000  # allocations between young collections (CPython's defaul
 DRAIN_GRACE_S = 2.0  # after the drain deadline: time for ended streams to settle
 _ENDPOINT_PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions"}
 _ENDPOINT_ORDER = ("responses", "chat")
+# the cap field a refusal advises when the client sent none (chat: the current name)
+_CAP_FIELD = {"responses": "max_output_tokens", "chat": "max_completion_tokens"}
 
 
 class Gateway:
@@ -56,7 +59,7 @@ class Gateway:
         self.keys = KeyTable()
         self.book = CreditBook(self.store)
         self.book.on_distrust = self.end_streams
-        self.now_us: Callable[[], int] = _now_us  # the clock of spend-limit periods and rows
+        self.now_us: Callable[[], int] = now_us  # the clock of spend-limit periods and rows
         self.limit_events: dict[str, int] = {}  # key id -> period of its last key.limit_reached
         self._background: set[asyncio.Task[None]] = set()
         self.writer = LedgerWriter(
@@ -245,7 +248,7 @@ class Gateway:
         if key.revoked:
             self.refusals.count(401, "invalid_api_key", key.account_id, key.account_name, key.id)
             raise APIError(401, "invalid_api_key", f"This API key has been revoked: {key.prefix}…")
-        if key.expires_at is not None and key.expires_at <= time.time_ns() // 1000:
+        if key.expires_at is not None and key.expires_at <= self.now_us():
             self.refusals.count(401, "invalid_api_key", key.account_id, key.account_name, key.id)
             raise APIError(401, "invalid_api_key", "This API key has expired.")
         return key
@@ -373,7 +376,7 @@ class Gateway:
         self, key: ApiKey, needed: int, bound: int, cap: int, endpoint: str
     ) -> APIError:
         available = max(0, self.book.available(key.account_id))
-        field = "max_output_tokens" if endpoint == "responses" else "max_completion_tokens"
+        field = _CAP_FIELD[endpoint]
         return APIError(
             402,
             "insufficient_funds",
@@ -387,7 +390,7 @@ class Gateway:
     ) -> APIError:
         limit = key.spend_limit or 0
         left = min(self.book.available(bucket), limit)
-        field = "max_output_tokens" if endpoint == "responses" else "max_completion_tokens"
+        field = _CAP_FIELD[endpoint]
         every = "" if key.limit_reset == "never" else f" {key.limit_reset}"
         end = period_end(key.limit_reset, bucket[1])
         resets = "It does not reset." if end is None else f"The limit resets at {_iso(end)}."
@@ -568,7 +571,7 @@ class Gateway:
         process died now; and the ids of every stream in flight."""
         rows = []
         ids = set()
-        now = int(time.time() * 1_000_000)
+        now = self.now_us()
         for call, (key, req) in list(self.streams.items()):
             if not call.reached:
                 continue
@@ -663,10 +666,6 @@ class Gateway:
         )
 
 
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
 def _iso(us: int) -> str:
     """µs since the epoch as UTC ISO 8601, to the second: 2026-12-06T00:00:00Z."""
     return datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -696,7 +695,7 @@ def _over_tpm(
     if req.cap is not None:
         field = req.cap_field
     else:
-        field = "max_output_tokens" if endpoint == "responses" else "max_completion_tokens"
+        field = _CAP_FIELD[endpoint]
     why = (
         f"input bound {bound:,} + output cap {cap:,}"
         + (f" × n={req.n}" if req.n > 1 else "")
