@@ -9,6 +9,11 @@ RUNTIME := $(VENV)/.installed-runtime
 STAMP := $(VENV)/.installed
 EXAMPLES := $(VENV)/.installed-examples
 NODE_EXAMPLES := examples/node/node_modules/.package-lock.json
+# Outside tools the tests drive: Debian's Chromium (the console's browser test) and
+# promtool (checks deploy/prometheus/alerts.yml), taken from Debian's `prometheus`
+# package without installing or starting the Prometheus service
+TOOLS := $(VENV)/.installed-tools
+APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
 .PHONY: demo test examples bench sim clean fuzz fuzz-money soak
 
@@ -28,6 +33,13 @@ $(EXAMPLES): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test,examples]'
 	touch $@
 
+$(TOOLS): | $(BIN)/python
+	@command -v chromium >/dev/null || DEBIAN_FRONTEND=noninteractive $(APT) install -y -q chromium
+	@[ -x $(BIN)/promtool ] || { d=$$(mktemp -d) && chmod 755 $$d && cd $$d && $(APT) download -q prometheus \
+		&& dpkg-deb -x prometheus_*.deb x && cp x/usr/bin/promtool $(CURDIR)/$(BIN)/ \
+		&& rm -rf $$d; }
+	touch $@
+
 $(NODE_EXAMPLES): examples/node/package-lock.json
 	cd examples/node && npm ci --no-audit --no-fund
 
@@ -37,7 +49,7 @@ demo: $(RUNTIME)  ## gateway + simulator on embedded defaults; prints a key, a c
 sim: $(RUNTIME)
 	$(BIN)/bastion sim
 
-test: $(STAMP)  ## the whole suite (lint, Python tests, JavaScript examples)
+test: $(STAMP) $(TOOLS)  ## the whole suite (lint, Python tests, JavaScript examples)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 

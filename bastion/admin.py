@@ -17,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import orjson
@@ -27,9 +27,11 @@ from bastion.app import Gateway, error_response, json_response
 from bastion.audit import run_audit
 from bastion.config import Config
 from bastion.errors import APIError, invalid
-from bastion.money import MoneyError, parse_usd
+from bastion.money import MoneyError, format_usd, parse_usd
+from bastion.openapi import admin_document
 from bastion.periods import RESETS
 from bastion.store import UNCHANGED, Conflict, NotFound, StoreError
+from bastion.store.common import BIGINT_MAX
 from bastion.store.idempotency import KeyReused, check_key
 from bastion.views import (
     USAGE_GROUPS,
@@ -63,27 +65,31 @@ IDEMPOTENCY_KEY = "Idempotency-Key"
 # `since=…+01:00` typed into a URL unencoded arrives with the `+` decoded to a space.
 _SPACE_OFFSET = re.compile(r"^(.*\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?) (\d{2}(?::?\d{2})?)$")
 
+ROUTES: tuple[tuple[str, str, str, int], ...] = (
+    ("POST", "/accounts", "create_account", 201),
+    ("GET", "/accounts", "list_accounts", 200),
+    ("GET", "/accounts/{name}", "show_account", 200),
+    ("PATCH", "/accounts/{name}", "update_account", 200),
+    ("POST", "/accounts/{name}/credit", "credit_account", 200),
+    ("POST", "/keys", "create_key", 201),
+    ("GET", "/keys", "list_keys", 200),
+    ("PATCH", "/keys/{id}", "update_key", 200),
+    ("POST", "/keys/{id}/revoke", "revoke_key", 200),
+    ("DELETE", "/keys/{id}", "revoke_key", 200),
+    ("GET", "/usage", "usage", 200),
+    ("GET", "/refusals", "refusals", 200),
+    ("GET", "/audit", "audit", 200),
+    ("GET", "/openapi.json", "openapi", 200),
+)
+"""Every admin route: method, path under PREFIX, ``Admin`` method, success status. The
+OpenAPI document (bastion/openapi.py) is built from this table."""
+
 
 def add_admin_routes(app: web.Application, gateway: Gateway) -> None:
     """Register /admin/v1/… (``create_app`` calls this only when an admin token is set)."""
     admin = Admin(gateway)
-    routes: list[tuple[str, str, Handler, int]] = [
-        ("POST", "/accounts", admin.create_account, 201),
-        ("GET", "/accounts", admin.list_accounts, 200),
-        ("GET", "/accounts/{name}", admin.show_account, 200),
-        ("PATCH", "/accounts/{name}", admin.update_account, 200),
-        ("POST", "/accounts/{name}/credit", admin.credit_account, 200),
-        ("POST", "/keys", admin.create_key, 201),
-        ("GET", "/keys", admin.list_keys, 200),
-        ("PATCH", "/keys/{id}", admin.update_key, 200),
-        ("POST", "/keys/{id}/revoke", admin.revoke_key, 200),
-        ("DELETE", "/keys/{id}", admin.revoke_key, 200),
-        ("GET", "/usage", admin.usage, 200),
-        ("GET", "/refusals", admin.refusals, 200),
-        ("GET", "/audit", admin.audit, 200),
-    ]
-    for method, path, handler, status in routes:
-        app.router.add_route(method, PREFIX + path, admin.wrap(handler, status))
+    for method, path, handler, status in ROUTES:
+        app.router.add_route(method, PREFIX + path, admin.wrap(getattr(admin, handler), status))
 
 
 class Admin:
@@ -103,6 +109,7 @@ class Admin:
             request_id = "req_" + uuid.uuid4().hex
             try:
                 self.authorize(request)
+                _refuse_nul(request.match_info.values(), None)
                 result = await handler(request)
             except APIError as exc:
                 if exc.status == 401:
@@ -156,6 +163,8 @@ class Admin:
             if field not in allowed:
                 known = ", ".join(f"'{f}'" for f in allowed) or "none"
                 raise invalid(f"Unknown field '{field}'; known fields: {known}.", field)
+            value = data[field]
+            _refuse_nul(value if isinstance(value, list) else [value], field)
         return data
 
     # ---- accounts ----------------------------------------------------------------
@@ -229,7 +238,7 @@ class Admin:
         label = _string(body, "name", required=False)
         rpm = _limit(body, "rpm", nullable=True)
         tpm = _limit(body, "tpm", nullable=True)
-        controls = self.key_controls(body)
+        controls = parse_key_controls(body, self.config)
         expires_at = controls.get("expires_at")
         if isinstance(expires_at, int) and expires_at <= time.time_ns() // 1000:
             raise invalid("'expires_at' is in the past: the key could never be used.", "expires_at")
@@ -247,27 +256,6 @@ class Admin:
         except StoreError as exc:
             raise _store_error(exc, "account") from None
         return new_key_json(key, plaintext, self.config)
-
-    def key_controls(self, body: dict[str, Any]) -> dict[str, Any]:
-        """The spend limit, reset period, expiry and model list sent, as the store takes
-        them (``spend_limit`` for ``limit``); a field not sent is absent from the result."""
-        controls: dict[str, Any] = {}
-        if "limit" in body:
-            limit = None if body["limit"] is None else _amount(body, "limit")
-            if limit is not None and limit < 0:
-                raise invalid("'limit' must not be negative (\"0\": the key may spend nothing).",
-                              "limit")  # fmt: skip
-            controls["spend_limit"] = limit
-        if "limit_reset" in body:
-            reset = body["limit_reset"]
-            if reset not in RESETS:
-                raise invalid(f"'limit_reset' must be one of {', '.join(RESETS)}.", "limit_reset")
-            controls["limit_reset"] = reset
-        if "expires_at" in body:
-            controls["expires_at"] = None if body["expires_at"] is None else _expiry(body)
-        if "models" in body:
-            controls["models"] = _models(body, self.config)
-        return controls
 
     async def list_keys(self, request: web.Request) -> Any:
         account = _query(request, ("account",)).get("account")
@@ -287,7 +275,7 @@ class Admin:
             )
         rpm = _limit(body, "rpm", nullable=False)
         tpm = _limit(body, "tpm", nullable=False)
-        controls = self.key_controls(body)
+        controls = parse_key_controls(body, self.config)
         try:
             key = await self.store.update_key(
                 request.match_info["id"],
@@ -366,8 +354,36 @@ class Admin:
         except StoreError as exc:
             raise _store_error(exc, "account") from None
 
+    # ---- the API's description ---------------------------------------------------
+    async def openapi(self, request: web.Request) -> Any:
+        """The OpenAPI 3.1 document of these routes, behind the token like the rest."""
+        return admin_document(ROUTES, PREFIX, tuple(self.config.models))
+
 
 # ---- field checks ------------------------------------------------------------------
+
+
+def parse_key_controls(body: dict[str, Any], config: Config) -> dict[str, Any]:
+    """The spend limit, reset period, expiry and model list sent, as the store takes
+    them (``spend_limit`` for ``limit``); a field not sent is absent from the result.
+    Public: the console's key forms go through it too."""
+    controls: dict[str, Any] = {}
+    if "limit" in body:
+        limit = None if body["limit"] is None else _amount(body, "limit")
+        if limit is not None and limit < 0:
+            raise invalid("'limit' must not be negative (\"0\": the key may spend nothing).",
+                          "limit")  # fmt: skip
+        controls["spend_limit"] = limit
+    if "limit_reset" in body:
+        reset = body["limit_reset"]
+        if reset not in RESETS:
+            raise invalid(f"'limit_reset' must be one of {', '.join(RESETS)}.", "limit_reset")
+        controls["limit_reset"] = reset
+    if "expires_at" in body:
+        controls["expires_at"] = None if body["expires_at"] is None else _expiry(body)
+    if "models" in body:
+        controls["models"] = _models(body, config)
+    return controls
 
 
 def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
@@ -376,7 +392,16 @@ def _query(request: web.Request, allowed: tuple[str, ...]) -> dict[str, str]:
         if name not in allowed:
             known = ", ".join(f"'{f}'" for f in allowed) or "none"
             raise invalid(f"Unknown query parameter '{name}'; known: {known}.", name)
+        _refuse_nul(request.query.getall(name), name)
     return {name: request.query[name] for name in allowed if name in request.query}
+
+
+def _refuse_nul(values: Iterable[object], param: str | None) -> None:
+    """PostgreSQL can neither store nor look up a NUL character (its driver raises): a
+    name, label or parameter with one is refused here, the same on every store."""
+    if any(isinstance(value, str) and "\x00" in value for value in values):
+        where = f"'{param}'" if param else "The path"
+        raise invalid(f"{where} contains a NUL character (\\u0000).", param)
 
 
 def _time(query: dict[str, str], name: str) -> int | None:
@@ -411,10 +436,19 @@ def _amount(body: dict[str, Any], field: str, default: str | None = None) -> int
             "JSON numbers are refused because floats are not exact money.",
             field,
         )
+    return parse_amount(value, field)
+
+
+def parse_amount(value: str, field: str) -> int:
+    """USD typed as a decimal string -> nano-dollars the database can hold; a refusal
+    names ``field``. Public: the console's forms check amounts with it too."""
     try:
-        return parse_usd(value)
+        nanos = parse_usd(value)
     except MoneyError as exc:
         raise invalid(f"'{field}': {exc}.", field) from None
+    if abs(nanos) > BIGINT_MAX:  # the database holds nano-dollars in 64 bits
+        raise invalid(f"'{field}': more than {format_usd(BIGINT_MAX)} USD either way.", field)
+    return nanos
 
 
 def _limit(body: dict[str, Any], field: str, *, nullable: bool) -> int | None:
@@ -424,9 +458,9 @@ def _limit(body: dict[str, Any], field: str, *, nullable: bool) -> int | None:
     value = body[field]
     if value is None and nullable:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= BIGINT_MAX:
         hint = "" if nullable else "; omit it to leave it unchanged"
-        raise invalid(f"'{field}' must be an integer ≥ 0 (0 = unlimited){hint}.", field)
+        raise invalid(f"'{field}' must be an integer ≥ 0 (0 = unlimited), < 2^63{hint}.", field)
     return value
 
 
@@ -436,9 +470,10 @@ def _expiry(body: dict[str, Any]) -> int:
     if not isinstance(value, str):
         raise invalid("'expires_at' must be an ISO 8601 time string, or null.", "expires_at")
     try:
-        return parse_expiry(value)
+        expires_at = parse_expiry(value)
     except ValueError as exc:
         raise invalid(f"'expires_at': {exc}.", "expires_at") from None
+    return expires_at
 
 
 def _models(body: dict[str, Any], config: Config) -> frozenset[str] | None:

@@ -15,8 +15,9 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import orjson
 from aiohttp import web
@@ -24,7 +25,7 @@ from aiohttp import web
 from bastion.auth import KeyTable, well_formed
 from bastion.bodyguard import BodyGuard
 from bastion.cachesalt import CacheSalts
-from bastion.config import Config, ModelConfig
+from bastion.config import Config, ModelConfig, TracingConfig
 from bastion.credit import Bucket, CreditBook, Reservation
 from bastion.errors import APIError
 from bastion.ledger import LedgerWriter
@@ -40,6 +41,9 @@ from bastion.store.common import now_us
 from bastion.store.outbox import KEY_LIMIT_REACHED
 from bastion.validation import ClientRequest, parse
 from bastion.webhooks.sender import webhook_sender
+
+if TYPE_CHECKING:
+    from bastion.tracing import Tracing
 
 log = logging.getLogger("bastion")
 
@@ -84,9 +88,11 @@ class Gateway:
         self.metrics.ledger_queue = lambda: len(self.writer.queue)
         self.metrics.book = self.book
         self.metrics.writer = self.writer
+        self.metrics.models = {m.id: m.upstreams for m in config.models.values()}
         self.refusals = RefusalCounter(self.store, config.refresh_interval_s)
         self.metrics.registry.register(RefusalCollector(self.refusals))
         self.webhooks = webhook_sender(self.store, config.webhooks, self.metrics.registry)
+        self.tracer = open_tracing(config.tracing, config.models)  # None: off, nothing imported
         # streams in flight: to end if their lease is given up, to checkpoint for crashes
         self.streams: dict[Call, tuple[ApiKey, ClientRequest]] = {}
         self._refused_log = 0.0
@@ -138,16 +144,21 @@ class Gateway:
         await self.relay.close()
         await self.limiter.close()
         await self.store.close()
+        if self.tracer is not None:  # last: the spans of the drain are flushed too
+            await self.tracer.close()
 
     # ---- the hot path -----------------------------------------------------------
     async def post(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = new_request_id()
+        trace = None if self.tracer is None else self.tracer.request(endpoint, request_id)
         headers = {"x-request-id": request_id}
         key: ApiKey | None = None
         req: ClientRequest | None = None
         call: Call | None = None
         reservation: Reservation | None = None
+        row: LedgerRow | None = None
+        failure: APIError | None = None  # what the client was answered, for the trace
         worst_tokens = 0
         limited = False  # the limiter's headers are in ``headers``
         self.metrics.in_flight += 1
@@ -179,6 +190,7 @@ class Gateway:
                 request_id, endpoint, req, model, cap, bound, headers, key.account_id
             )
             call.epoch = reservation.epoch
+            call.trace = trace
             if call.stream:
                 self.streams[call] = (key, req)
             response = await self.relay.send(request, call)
@@ -192,6 +204,7 @@ class Gateway:
                 call.status = "cancelled"
             raise
         except APIError as exc:
+            failure = exc
             if call is not None:
                 call.status = str(exc.status)
                 if call.upstream is not None:  # an upstream's message, relayed: never our key
@@ -218,7 +231,9 @@ class Gateway:
             if call is not None and call.stream:
                 self.streams.pop(call, None)
             if reservation is not None and key is not None and req is not None:
-                self.settle(key, req, call, reservation, worst_tokens, endpoint)
+                row = self.settle(key, req, call, reservation, worst_tokens, endpoint)
+            if trace is not None:
+                trace.end(key, req, call, row, failure)
 
     def authenticate(self, request: web.Request) -> ApiKey:
         header = request.headers.get("Authorization", "")
@@ -486,13 +501,14 @@ class Gateway:
         reservation: Reservation,
         worst_tokens: int,
         endpoint: str,
-    ) -> None:
-        """Reservation → actual cost; one ledger row per request that reached the upstream."""
+    ) -> LedgerRow | None:
+        """Reservation → actual cost; one ledger row per request that reached the upstream
+        (returned, for the trace)."""
         tpm = self.limits(key)[1]
         if call is None or not call.reached:
             self.book.release(reservation)
             self.limiter.refund(key.id, tpm, worst_tokens)
-            return
+            return None
         m = self.metrics
         usage = call.usage
         if usage is None:
@@ -537,6 +553,7 @@ class Gateway:
         m.tokens[model.id, "output"] += usage.output_tokens
         m.cost[model.id] += cost
         m.estimated += usage.estimated
+        return row
 
     def estimate(self, call: Call, req: ClientRequest) -> Usage:
         """No usage report: charge what was produced (within the cap); nothing if nothing was.
@@ -740,6 +757,26 @@ def error_response(exc: APIError, request_id: str) -> web.Response:
     )
 
 
+def open_tracing(config: TracingConfig, models: Iterable[str]) -> Tracing | None:
+    """[tracing] on: the OpenTelemetry tracer, its package imported only now; off: None."""
+    if not config.otlp_endpoint:
+        return None
+    return tracing_class()(config, models)
+
+
+def tracing_class() -> type[Tracing]:
+    """The tracer's class, or the start refused naming the package to install (``serve``
+    asks before it starts workers, so none is restarted in a loop for want of it)."""
+    try:
+        from bastion.tracing import Tracing
+    except ImportError as exc:
+        raise SystemExit(
+            f"error: [tracing] otlp_endpoint is set but OpenTelemetry cannot be imported ({exc});"
+            " install it with: pip install 'bastion[tracing]'"
+        ) from None
+    return Tracing
+
+
 GATEWAY = web.AppKey("gateway", Gateway)
 """The app's Gateway, for code that holds only the aiohttp application (tests, tools)."""
 
@@ -775,7 +812,9 @@ def create_app(config: Config, replicas: int = 1, seat: str = "") -> web.Applica
     add_selfservice_routes(app, gateway)
     if config.admin_token:
         from bastion.admin import add_admin_routes
+        from bastion.console import add_console_routes  # /console: behind the same token
 
         add_admin_routes(app, gateway)
+        add_console_routes(app, gateway)
     r.add_route("*", "/{tail:.*}", gateway.not_found)
     return app

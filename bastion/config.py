@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from bastion.money import MoneyError, cost_nanos, parse_usd
 
@@ -74,6 +75,16 @@ class WebhooksConfig:
 
 
 @dataclass(frozen=True)
+class TracingConfig:
+    """OpenTelemetry spans over OTLP/HTTP (bastion/tracing.py); an empty endpoint: off."""
+
+    otlp_endpoint: str = ""  # the collector's traces URL: http://127.0.0.1:4318/v1/traces
+    service_name: str = "bastion"
+    sample_ratio: float = 1.0  # of requests traced (a coin per request), 0 to 1
+    headers: dict[str, str] = field(default_factory=dict, repr=False)  # collector auth
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     url: str
@@ -119,6 +130,7 @@ class Config:
     ratelimit: RateLimitConfig = field(default_factory=RateLimitConfig)
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     admin_token: str = ""
@@ -155,6 +167,8 @@ def load_config(path: str | Path | None = None, env: dict[str, str] | None = Non
         data.setdefault("ratelimit", {})["url"] = url
     if secret := env.get("BASTION_WEBHOOKS_SECRET"):
         data.setdefault("webhooks", {})["secret"] = secret
+    if otlp := env.get("BASTION_OTLP_ENDPOINT"):
+        data.setdefault("tracing", {})["otlp_endpoint"] = otlp
     if token := env.get("BASTION_ADMIN_TOKEN"):
         data.setdefault("admin", {})["token"] = token
     if salt_secret := env.get("BASTION_CACHE_SALT_SECRET"):
@@ -183,6 +197,7 @@ def parse_config(data: dict[str, Any]) -> Config:
     ratelimit = _section(data, "ratelimit", RateLimitConfig)
     metering = _section(data, "metering", MeteringConfig)
     webhooks = _webhooks(_section(data, "webhooks", WebhooksConfig))
+    tracing = _tracing(_section(data, "tracing", TracingConfig))
     upstreams: dict[str, UpstreamConfig] = {}
     for i, raw in enumerate(data.get("upstreams", [])):
         up = _build(UpstreamConfig, raw, f"upstreams[{i}]")
@@ -243,6 +258,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         ratelimit=ratelimit,
         metering=metering,
         webhooks=webhooks,
+        tracing=tracing,
         upstreams=upstreams,
         models=models,
         admin_token=str(admin.get("token", "")),
@@ -298,6 +314,36 @@ def _webhooks(hooks: WebhooksConfig) -> WebhooksConfig:
         if getattr(hooks, name) <= 0:
             raise ConfigError(f"webhooks.{name} must be positive")
     return hooks
+
+
+def _tracing(tracing: TracingConfig) -> TracingConfig:
+    """A collector base URL (no path) gets the OTLP traces path, as OTel's own variable does."""
+    ratio = tracing.sample_ratio
+    if not 0.0 <= ratio <= 1.0:  # NaN fails too
+        raise ConfigError(f"tracing.sample_ratio must be between 0 and 1, got {ratio}")
+    if not tracing.service_name:
+        raise ConfigError("tracing.service_name must not be empty")
+    headers = tracing.headers
+    if not isinstance(headers, dict) or not all(
+        isinstance(k, str) and k and isinstance(v, str) and "\n" not in v and "\r" not in v
+        for k, v in headers.items()
+    ):
+        raise ConfigError('tracing.headers must be a table of strings: name = "value"')
+    if not tracing.otlp_endpoint:
+        return tracing
+    try:
+        url = urlsplit(tracing.otlp_endpoint)
+        url.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError:
+        url = urlsplit("")
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise ConfigError(
+            "tracing.otlp_endpoint must be an http(s):// URL such as"
+            f" http://127.0.0.1:4318/v1/traces, got {tracing.otlp_endpoint!r}"
+        )
+    if url.path in ("", "/"):
+        return replace(tracing, otlp_endpoint=url._replace(path="/v1/traces").geturl())
+    return tracing
 
 
 def _cache_isolation(model: ModelConfig, where: str, server: ServerConfig) -> None:

@@ -7,6 +7,7 @@ no label lookups and no locks for them.
 
 from __future__ import annotations
 
+import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 
@@ -37,6 +38,7 @@ class Metrics:
         self.store_refusals = 0  # 503s: credit could not be checked
         self.in_flight = 0
         self.ledger_queue = lambda: 0
+        self.models: dict[str, tuple[str, ...]] = {}  # model id -> its upstreams (config)
         self.book: CreditBook | None = None
         self.writer: LedgerWriter | None = None
         overhead = Histogram(
@@ -142,6 +144,24 @@ class _GatewayCollector(Collector):
             "1 while this gateway's credit leases are confirmed by recent heartbeats",
             value=1 if book and book.trusted else 0,
         )
+        age = GaugeMetricFamily(
+            "bastion_store_refresh_age_seconds",
+            "Seconds since the store last answered a whole refresh (heartbeat, keys); grows"
+            " while it cannot be reached, long before the leases are given up",
+            labels=[],
+        )
+        if writer is not None and writer.last_refresh:
+            age.add_metric([], time.monotonic() - writer.last_refresh)
+        served = GaugeMetricFamily(
+            "bastion_model_upstream_info",
+            "1 per model and upstream replica serving it: joined with bastion_upstream_available"
+            " it tells when every replica of a model is out",
+            labels=["model", "upstream"],
+        )
+        for model, upstreams in sorted(m.models.items()):
+            for upstream in upstreams:
+                served.add_metric([model, upstream], 1)
+        yield from (age, served)
 
 
 class _UpstreamCollector(Collector):

@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -48,6 +49,9 @@ from bastion.upstream_http import (
     UpstreamHTTPError,
 )
 from bastion.upstreams import Replica, UpstreamPool
+
+if TYPE_CHECKING:
+    from bastion.tracing import RequestTrace
 
 log = logging.getLogger("bastion.relay")
 
@@ -93,6 +97,11 @@ class Call:
     answer: Answer | None = None  # a stream being relayed, so it can be ended
     input_estimate: int = -1  # the input estimate, once made (metering.estimate_input)
     aborted: str = ""  # why the gateway ended it, if it did
+    # tracing on (bastion/tracing.py): the request's span, the context sent upstream, and
+    # the HTTP status of the current attempt's answer (0: none yet)
+    trace: RequestTrace | None = None
+    traceparent: str = ""
+    upstream_status: int = 0
 
     def abort(self, why: str) -> None:
         """End the stream with an error event (the upstream is cancelled)."""
@@ -156,7 +165,8 @@ class Relay:
             call.attempts += 1
             replica.outstanding += 1
             try:
-                return await self._attempt(request, call, replica, path, sent)
+                work = self._attempt(request, call, replica, path, sent)
+                return await (work if call.trace is None else call.trace.attempt(work, call))
             except _Retry as retry:
                 error = retry.error
                 if retry.timed_out:
@@ -178,6 +188,8 @@ class Relay:
         assert call.upstream is not None
         client = self.clients[call.upstream.name]
         headers = {"X-Request-Id": call.request_id}
+        if call.traceparent:
+            headers["traceparent"] = call.traceparent
         answer: Reply | Answer
         try:
             if call.stream:
@@ -200,6 +212,7 @@ class Relay:
             call.upstream_s = time.perf_counter() - sent
         call.reached = True
         call.first_byte_at = answer.headers_at
+        call.upstream_status = answer.status
         try:
             if answer.status >= 400:
                 body = answer.body if isinstance(answer, Reply) else await _read_some(answer)

@@ -54,6 +54,10 @@ def serve(
             + "; ".join(problems)
             + "."
         )
+    if config.tracing.otlp_endpoint:
+        from bastion.app import tracing_class
+
+        tracing_class()  # refused here, once, rather than in every worker
     supervise(config, host, port, workers)
 
 

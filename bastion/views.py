@@ -109,14 +109,23 @@ def key_controls(key: ApiKey) -> dict[str, Any]:
     }
 
 
+LAST_TIME_US = 253402300799999999
+"""9999-12-31T23:59:59.999999Z in µs since the epoch: the last time an answer can show."""
+
+
 def parse_expiry(text: str) -> int:
-    """An expiry time, ISO 8601 (naive = UTC) -> µs since epoch; ValueError says why."""
+    """An expiry time, ISO 8601 (naive = UTC) -> µs since epoch; ValueError says why.
+
+    One past 9999 in UTC is refused: no answer could show it (datetime ends there)."""
     try:
-        return parse_since(text)
+        expires_at = parse_since(text)
     except ValueError:
         raise ValueError(
             f"not an ISO 8601 time: {text!r} (e.g. 2026-01-31T00:00:00Z); 'none' clears it"
         ) from None
+    if expires_at > LAST_TIME_US:
+        raise ValueError(f"{text!r} is after 9999-12-31T23:59:59.999999Z")
+    return expires_at
 
 
 def check_models(names: Iterable[str], config: Config) -> frozenset[str]:

@@ -52,7 +52,11 @@ def start(args: list[str], health: str, **kwargs: object) -> subprocess.Popen:
         stderr=kwargs.pop("stderr", None),  # type: ignore[arg-type]
         **kwargs,  # type: ignore[arg-type]
     )
-    wait_http(health, proc)
+    try:
+        wait_http(health, proc)
+    except BaseException:
+        stop(proc)  # a process that never came up must not outlive the test run
+        raise
     return proc
 
 

@@ -665,3 +665,59 @@ max_output_tokens = 1024
         refused(httpx.get(f"{root}/usage", headers=auth), 404, "not_found")
     finally:
         stop(proc)
+
+
+
+# ---- values the store cannot hold (found by the schemathesis run of test_openapi.py) -----
+
+INT64_MAX = 2**63 - 1
+
+
+def test_amounts_past_64_bits_of_nano_dollars_are_refused(
+    admin: httpx.Client, account: str
+) -> None:
+    """Nano-dollars are 64-bit integers in the database: a larger amount is a 400 naming
+    the field, not a 500 from the store."""
+    rich = {"name": new_name(), "credit": "7212272764703"}
+    refused(admin.post("/accounts", json=rich), 400, "invalid_request", "credit")
+    refused(admin.get(f"/accounts/{rich['name']}"), 404, "not_found")
+    for amount in ("9223372036.854775808", "-9223372037"):
+        credit = admin.post(f"/accounts/{account}/credit", json={"amount": amount})
+        refused(credit, 400, "invalid_request", "amount")
+    assert ok(admin.get(f"/accounts/{account}"))["balance"] == "1.00"
+
+
+def test_limits_past_64_bits_are_refused(admin: httpx.Client, account: str) -> None:
+    too_big = INT64_MAX + 1
+    made = admin.post("/keys", json={"account": account, "rpm": too_big})
+    refused(made, 400, "invalid_request", "rpm")
+    key = ok(admin.post("/keys", json={"account": account}), 201)
+    refused(admin.patch(f"/keys/{key['id']}", json={"tpm": too_big}), 400, "invalid_request", "tpm")
+    assert ok(admin.patch(f"/keys/{key['id']}", json={"tpm": INT64_MAX}))["tpm"] == INT64_MAX
+
+
+def test_an_expiry_past_year_9999_utc_is_refused(admin: httpx.Client, account: str) -> None:
+    """9999-12-31T23:59:59-05:00 is in year 10000 UTC, which no answer can show: stored,
+    it made every later listing of the key a 500."""
+    key = ok(admin.post("/keys", json={"account": account}), 201)
+    late = {"expires_at": "9999-12-31T23:59:59-05:00"}
+    refused(admin.patch(f"/keys/{key['id']}", json=late), 400, "invalid_request", "expires_at")
+    made = admin.post("/keys", json={"account": account, **late})
+    refused(made, 400, "invalid_request", "expires_at")
+    assert [k["expires_at"] for k in ok(admin.get("/keys", params={"account": account}))] == [None]
+    last = {"expires_at": "9999-12-31T23:59:59Z"}
+    assert ok(admin.patch(f"/keys/{key['id']}", json=last))["expires_at"].startswith("9999-12-31")
+
+
+def test_nul_characters_are_refused(admin: httpx.Client, account: str) -> None:
+    """PostgreSQL can neither store nor look up a string with a NUL character (its driver
+    raises, a 500): it is refused as a 400 on every store, before it reaches one."""
+    refused(admin.post("/accounts", json={"name": "a\x00b"}), 400, "invalid_request", "name")
+    refused(admin.get("/accounts/a%00b"), 400, "invalid_request")
+    refused(admin.post("/keys/key_%00/revoke"), 400, "invalid_request")
+    refused(admin.get("/keys", params={"account": "a\x00"}), 400, "invalid_request", "account")
+    label = {"account": account, "name": "ci\x00"}
+    refused(admin.post("/keys", json=label), 400, "invalid_request", "name")
+    models = {"account": account, "models": [MODEL + "\x00"]}
+    refused(admin.post("/keys", json=models), 400, "invalid_request", "models")
+    assert ok(admin.get("/keys", params={"account": account})) == []

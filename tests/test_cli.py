@@ -336,6 +336,8 @@ def test_key_controls_refusals(env: Env) -> None:
     env.fails(*create, "--models", ",", message="at least one model")
     env.fails(*create, "--expires", "next week", message="--expires: not an ISO 8601 time")
     env.fails(*create, "--expires", "2001-01-01", message="in the past")
+    # year 10000 in UTC: no answer could show it, so it is refused before it is stored
+    env.fails(*create, "--expires", "9999-12-31T23:59:59-05:00", message="after 9999-12-31")
     env.fails(*create, "--limit", "-1", message="spend limit must be 0 or positive")
     env.fails(*create, "--limit", "five", message="not a decimal amount: 'five'")
     env.fails(*create, "--limit-reset", "hourly", message="unknown limit reset 'hourly'")

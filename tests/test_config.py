@@ -93,3 +93,39 @@ def test_cache_isolation_needs_a_secret(tmp_path):
     path.write_text(ISOLATED.replace('"account"', '"tenant"'))
     with pytest.raises(ConfigError, match=r"models\[1\].cache_isolation must be 'none' or"):
         load_config(path, env={"BASTION_CACHE_SALT_SECRET": "s" * 32})
+
+
+def test_tracing_is_off_by_default_and_on_from_the_file_or_env(tmp_path):
+    assert load_config(env={}).tracing.otlp_endpoint == ""
+    path = tmp_path / "b.toml"
+    path.write_text(
+        '[tracing]\notlp_endpoint = "https://otel.example:4318"\nsample_ratio = 0.25\n'
+        '[tracing.headers]\nauthorization = "Bearer collector-secret"\n'
+    )
+    tracing = load_config(path, env={}).tracing
+    assert tracing.otlp_endpoint == "https://otel.example:4318/v1/traces"  # the traces path
+    assert tracing.sample_ratio == 0.25 and tracing.service_name == "bastion"
+    assert tracing.headers == {"authorization": "Bearer collector-secret"}
+    assert "collector-secret" not in repr(tracing)
+    env = {"BASTION_OTLP_ENDPOINT": "http://127.0.0.1:4318/otlp/v1/traces"}
+    assert load_config(path, env=env).tracing.otlp_endpoint == env["BASTION_OTLP_ENDPOINT"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('otlp_endpoint = "127.0.0.1:4318"', "tracing.otlp_endpoint must be an http"),
+        ('otlp_endpoint = "grpc://collector:4317"', "tracing.otlp_endpoint must be an http"),
+        ('otlp_endpoint = "http://collector:port/v1/traces"', "tracing.otlp_endpoint"),
+        ("sample_ratio = 1.5", "tracing.sample_ratio must be between 0 and 1"),
+        ('sample_ratio = "nan"', "tracing.sample_ratio"),
+        ('service_name = ""', "tracing.service_name"),
+        ("headers = { authorization = 1 }", "tracing.headers must be a table of strings"),
+        ('exporter = "grpc"', r"tracing: unknown keys \['exporter'\]"),
+    ],
+)
+def test_bad_tracing_config_names_the_problem(tmp_path, text, message):
+    path = tmp_path / "b.toml"
+    path.write_text(f"[tracing]\n{text}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, env={})

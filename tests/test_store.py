@@ -243,6 +243,23 @@ async def test_credit_and_refused_overdraft(store: Store, db_url: str) -> None:
     assert sorted(amounts) == sorted([1_000, 500, -1_500, 2_000_000_000])
 
 
+async def test_a_credit_past_the_largest_balance_is_refused_and_changes_nothing(
+    store: Store, db_url: str
+) -> None:
+    """Nano-dollars live in 64 bits: SQLite would turn a larger sum into a float, and
+    PostgreSQL would fail the statement. The store refuses the credit instead."""
+    top = 2**63 - 1
+    await store.create_account("acme", top - 10)
+    with pytest.raises(StoreError, match="largest balance"):
+        await store.credit_account("acme", 11)
+    with pytest.raises(StoreError, match="largest balance"):
+        await store.credit_account("acme", top, idempotency_key="k-1")
+    assert (await store.credit_account("acme", 10)).balance == top
+    (balance, credits, _costs) = next(iter((await invariant_holds(db_url)).values()))
+    assert balance == credits == top
+    assert isinstance((await query(db_url, "SELECT balance FROM accounts"))[0][0], int)
+
+
 async def test_list_accounts_sorted(store: Store) -> None:
     for name in ("zeta", "alpha", "mid"):
         await store.create_account(name, 1)

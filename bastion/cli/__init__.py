@@ -1,4 +1,6 @@
-"""The operator CLI: ``bastion accounts|keys|usage|refusals|audit|serve|sim|demo`` (docs/cli.md).
+"""The operator CLI: ``bastion accounts|keys|usage|refusals|audit|doctor|serve|sim|demo``.
+
+Reference: docs/cli.md.
 
 Each store command loads the config, opens the store, does one thing and closes
 it; the gateway sees the change within seconds through its snapshot refresh.
@@ -6,7 +8,8 @@ Every command takes ``--config``, ``--json`` and ``--verbose`` (also after its
 arguments). Refusals (unknown account, bad amount, overdraft, bad config, missing
 database) print one line on stderr and exit 1.
 
-One module per concern: accounts, keys, usage, refusals, audit, processes (serve/sim/demo);
+One module per concern: accounts, keys, usage, refusals, audit, doctor (what is misconfigured),
+processes (serve/sim/demo);
 render (tables, money), storeopen (which store, and saying so), options (shared).
 """
 
@@ -17,7 +20,7 @@ import sys
 
 import typer
 
-from bastion.cli import accounts, audit, keys, processes, refusals, usage
+from bastion.cli import accounts, audit, doctor, keys, processes, refusals, usage
 from bastion.cli.options import CliError
 from bastion.config import ConfigError
 from bastion.money import MoneyError
@@ -34,6 +37,7 @@ app.add_typer(keys.app, name="keys")
 app.command("usage")(usage.usage)
 app.command("refusals")(refusals.refusals)
 app.command("audit")(audit.audit)
+app.command("doctor")(doctor.doctor)
 app.command("serve")(processes.serve)
 app.command("sim")(processes.sim)
 app.command("demo")(processes.demo)

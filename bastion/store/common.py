@@ -12,11 +12,41 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any
 
+from bastion.money import format_usd
 from bastion.periods import RESETS
-from bastion.store import UNCHANGED, ApiKey, LedgerRow, RowRejected, StoreError, Unchanged
+from bastion.store import (
+    UNCHANGED,
+    Account,
+    ApiKey,
+    Conflict,
+    LedgerRow,
+    RowRejected,
+    StoreError,
+    Unchanged,
+)
 
 # The most a BIGINT column holds: a row beyond it is refused before it reaches the driver.
 BIGINT_MAX = 2**63 - 1
+
+
+def check_credit(account: Account, amount: int) -> None:
+    """Refuse a take-back past the unleased balance, and a grant past what 64 bits hold.
+
+    SQLite would store a larger sum as a float and PostgreSQL would fail the statement:
+    either way the ledger would no longer add up, so the credit is refused before it."""
+    name = account.name
+    if account.balance - account.reserved + amount < 0:
+        held = f" ({format_usd(account.reserved)} USD held by running gateways)"
+        raise Conflict(
+            f"cannot take back {format_usd(-amount)} USD from {name!r}: "
+            f"its balance is {format_usd(account.balance)} USD"
+            + (held if account.reserved else "")
+        )
+    if account.balance + amount > BIGINT_MAX:
+        raise Conflict(
+            f"cannot add {format_usd(amount)} USD to {name!r}: the balance would pass the "
+            f"largest balance a ledger holds ({format_usd(BIGINT_MAX)} USD)"
+        )
 
 KEY_SELECT = """
 SELECT k.id, k.account_id, a.name, k.name, k.prefix, k.key_hash, k.rpm, k.tpm,

@@ -29,7 +29,6 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 from bastion.auth import generate_key, hash_key
-from bastion.money import format_usd
 from bastion.store import (
     LEASE_TTL_US,
     UNCHANGED,
@@ -61,6 +60,7 @@ from bastion.store.common import (
     allocate,
     api_key,
     charges,
+    check_credit,
     check_key_fields,
     check_limits,
     check_row,
@@ -281,13 +281,7 @@ class PostgresStore:
             # so the balance and the leases read below cannot move under the check.
             await conn.execute("SELECT 1 FROM accounts WHERE name = $1 FOR UPDATE", name)
             account = await _account(conn, name, self.ttl)
-            if account.balance - account.reserved + amount < 0:
-                held = f" ({format_usd(account.reserved)} USD held by running gateways)"
-                raise Conflict(
-                    f"cannot take back {format_usd(-amount)} USD from {name!r}: "
-                    f"its balance is {format_usd(account.balance)} USD"
-                    + (held if account.reserved else "")
-                )
+            check_credit(account, amount)
             await conn.execute(
                 "INSERT INTO credits (id, account_id, amount, created_at) VALUES ($1, $2, $3, $4)",
                 new_id("cred_"),

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bastion.auth import generate_key, hash_key
-from bastion.money import format_usd
 from bastion.store import (
     LEASE_TTL_US,
     UNCHANGED,
@@ -51,6 +50,7 @@ from bastion.store.common import (
     allocate,
     api_key,
     charges,
+    check_credit,
     check_key_fields,
     check_limits,
     check_row,
@@ -213,13 +213,7 @@ class SQLiteStore:
                 if first is not None:
                     return first
             account = self._account(conn, name)
-            if account.balance - account.reserved + amount < 0:
-                held = f" ({format_usd(account.reserved)} USD held by running gateways)"
-                raise Conflict(
-                    f"cannot take back {format_usd(-amount)} USD from {name!r}: "
-                    f"its balance is {format_usd(account.balance)} USD"
-                    + (held if account.reserved else "")
-                )
+            check_credit(account, amount)
             conn.execute(
                 "INSERT INTO credits (id, account_id, amount, created_at) VALUES (?, ?, ?, ?)",
                 (new_id("cred_"), account.id, amount, now_us()),
