@@ -15,14 +15,16 @@ from types import TracebackType
 
 from aiohttp import web
 
-from bastion.sim import create_app
+from bastion.sim import LoadConfig, create_app
 
 
 class SimServer:
     """The simulator on 127.0.0.1:<free port>, on a background thread."""
 
-    def __init__(self, ttft_ms: float = 0, tokens_per_s: float = 0) -> None:
-        self._app = create_app(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
+    def __init__(
+        self, ttft_ms: float = 0, tokens_per_s: float = 0, load: LoadConfig | None = None
+    ) -> None:
+        self._app = create_app(ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, load=load)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._runner: web.AppRunner | None = None

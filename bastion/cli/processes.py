@@ -42,12 +42,35 @@ def sim(
     port: Annotated[int, typer.Option(help="Listen port (vLLM's default).")] = 8000,
     ttft_ms: Annotated[float, typer.Option(help="Time to first token, ms.")] = 0.0,
     tokens_per_s: Annotated[float, typer.Option(help="Tokens per second; 0 = max.")] = 0.0,
+    max_num_seqs: Annotated[
+        int, typer.Option(min=0, help="Requests decoded at once; the rest queue. 0 = unlimited.")
+    ] = 0,
+    prefill_tokens_per_s: Annotated[
+        float, typer.Option(min=0, help="Prefill speed for uncached prompt tokens; 0 = instant.")
+    ] = 0.0,
+    prefix_cache_tokens: Annotated[
+        int, typer.Option(min=0, help="LRU prefix cache size, tokens (16-token blocks); 0 = none.")
+    ] = 0,
+    kv_cache_tokens: Annotated[
+        int,
+        typer.Option(min=0, help="KV capacity, tokens (default: max(prefix cache, 262144))."),
+    ] = 0,
+    served_model_name: Annotated[
+        str, typer.Option(help="The model_name label of /metrics.")
+    ] = "bastion-sim",
     config: HiddenConfigOpt = None,
     as_json: HiddenJsonOpt = False,
 ) -> None:
     """Run the upstream simulator (an OpenAI-compatible server, no GPU needed)."""
     run = lazy("bastion.sim", "run")
-    run(host=host, port=port, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s)
+    load = lazy("bastion.sim", "LoadConfig")(
+        max_num_seqs=max_num_seqs,
+        prefill_tokens_per_s=prefill_tokens_per_s,
+        prefix_cache_tokens=prefix_cache_tokens,
+        kv_cache_tokens=kv_cache_tokens,
+        served_model_name=served_model_name,
+    )
+    run(host=host, port=port, ttft_ms=ttft_ms, tokens_per_s=tokens_per_s, load=load)
 
 
 def demo(

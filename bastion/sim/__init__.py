@@ -3,7 +3,8 @@
 What it serves and how it models an inference server: docs/simulator.md.
 
 Public API:
-- `create_app(ttft_ms, tokens_per_s)` / `run(host, port, ttft_ms, tokens_per_s)`: the server.
+- `create_app(ttft_ms, tokens_per_s, load)` / `run(host, port, ttft_ms, tokens_per_s, load)`:
+  the server; `load` is a `LoadConfig` (batch size, prefill speed, prefix cache, KV capacity).
 - `reply_text(body, endpoint=None, tokens=None)`: the exact text it answers.
 - `usage_for(body, endpoint=None, tokens=None)`: (input_tokens, output_tokens) it reports.
 - `reported_usage(body, endpoint=None, tokens=None, cached_tokens=None, reasoning_tokens=None)`:
@@ -16,6 +17,7 @@ Public API:
 See docs/simulator.md.
 """
 
+from bastion.sim.engine import LoadConfig
 from bastion.sim.reply import (
     DEFAULT_TOKENS,
     Reply,
@@ -32,6 +34,7 @@ from bastion.sim.server import FAULTS, create_app, run
 __all__ = [
     "DEFAULT_TOKENS",
     "FAULTS",
+    "LoadConfig",
     "Reply",
     "Usage",
     "create_app",

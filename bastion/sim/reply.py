@@ -166,6 +166,30 @@ def input_tokens_for(body: dict[str, Any], endpoint: str | None = None) -> int:
     return math.ceil(nbytes / 4) + PER_ITEM_TOKENS * count
 
 
+def prompt_segments(body: dict[str, Any], endpoint: str | None = None) -> list[tuple[str, bytes]]:
+    """The prompt in template order, as `input_tokens_for` counts it: (label, UTF-8 text).
+
+    `instructions` (responses), then the tools' JSON (label "" : bytes but no per-item
+    tokens), then each message / item labelled by its role or type. So the bytes add up
+    to B and the labelled parts to M of the usage formula, and the prefix cache's token
+    sequence has exactly `input_tokens_for` tokens (usage and cache stay consistent).
+    """
+    endpoint = endpoint or endpoint_of(body)
+    out: list[tuple[str, bytes]] = []
+    instructions = body.get("instructions")
+    if endpoint == "responses" and isinstance(instructions, str) and instructions:
+        out.append(("instructions", instructions.encode()))
+    tools = body.get("tools")
+    if isinstance(tools, list) and tools:
+        out.append(("", orjson.dumps(tools)))
+    for item in _items(body, endpoint):
+        label = "user" if isinstance(item, str) else None
+        if isinstance(item, dict):
+            label = item.get("role") or item.get("type")
+        out.append((str(label or "item"), "".join(_item_texts(item)).encode()))
+    return out
+
+
 # ---------------------------------------------------------------- text answer
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from bastion.sim.engine import LoadConfig, Seat
+from bastion.sim.loadhttp import ENGINE_KEY, add_load_model
 from bastion.sim.pacer import Pacer
 from bastion.sim.reply import Reply, Usage, plan_reply, report_overrides, usage_of
 from bastion.sim.wire import ChatRender, ResponsesRender, StreamPlan, error_object
@@ -200,12 +202,34 @@ async def _handle(request: web.Request, endpoint: str) -> web.StreamResponse:
         usage = _reported(reply, body, opts)
     except _Refusal as refusal:
         return refusal.response
+    engine = request.app.get(ENGINE_KEY)  # None unless a load option is set: no cost then
+    seat = None
+    if engine is not None:
+        seat = engine.seat(body, endpoint, reply, opts.ttft_ms, opts.tokens_per_s)
     try:
         if stream:
-            return await _stream(request, endpoint, body, reply, usage, opts)
-        return await _json(request, endpoint, body, reply, usage, opts)
+            return await _stream(request, endpoint, body, reply, usage, opts, seat)
+        return await _json(request, endpoint, body, reply, usage, opts, seat)
     except ConnectionError:  # the client went away mid-answer: nothing left to do
         return web.Response(status=499)
+    finally:
+        if engine is not None and seat is not None:
+            engine.leave(seat)  # also when the client left (cancelled) while queued
+
+
+async def _seated(
+    request: web.Request, seat: Seat, reply: Reply, body: dict[str, Any], opts: Options
+) -> Usage:
+    """Wait for a place in the batch; the usage then reports what the prefix cache held.
+
+    A cached count the request sets itself (header, or the body's `sim`) still wins.
+    """
+    await request.app[ENGINE_KEY].admit(seat)
+    cached = opts.cached_tokens
+    sim = body.get("sim")
+    if cached is None and not (isinstance(sim, dict) and "cached_tokens" in sim):
+        cached = seat.cached_tokens
+    return usage_of(reply, body, cached, opts.reasoning_tokens)
 
 
 def _duration(reply: Reply, opts: Options) -> float:
@@ -221,8 +245,12 @@ async def _json(
     reply: Reply,
     usage: Usage,
     opts: Options,
+    seat: Seat | None = None,
 ) -> web.StreamResponse:
     duration = _duration(reply, opts)
+    if seat is not None:  # queue, then prefill: the answer is due at the seat's last token
+        usage = await _seated(request, seat, reply, body, opts)
+        duration = seat.end_at - asyncio.get_running_loop().time()
     now = time.time()
     if endpoint == "responses":
         data = ResponsesRender(body, reply, int(now), int(now + duration), usage).json_body()
@@ -242,6 +270,8 @@ async def _json(
         if request.transport is not None:
             request.transport.close()
         return resp
+    if seat is not None:
+        seat.finished = True
     return web.Response(body=data, content_type="application/json")
 
 
@@ -252,9 +282,16 @@ async def _stream(
     reply: Reply,
     usage: Usage,
     opts: Options,
+    seat: Seat | None = None,
 ) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
-    start = loop.time()
+    first = loop.time() + opts.ttft_ms / 1000
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)  # sends the headers at once, as vLLM does
+    if seat is not None:  # then waits for a place in the batch, and its prefill
+        usage = await _seated(request, seat, reply, body, opts)
+        first = seat.first_token_at
     plan: StreamPlan
     wire_fault = opts.fault if opts.fault in ("cut", "error-event", "malformed") else None
     if endpoint == "responses":
@@ -264,9 +301,6 @@ async def _stream(
     else:
         chat = ChatRender(body, reply, int(time.time()), usage, opts.usage_null)
         plan = chat.stream(wire_fault)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-    resp.enable_chunked_encoding()
-    await resp.prepare(request)  # sends the headers at once, as vLLM does
     if plan.head:
         await resp.write(plan.head)
     transport = request.transport
@@ -274,7 +308,7 @@ async def _stream(
         return resp
     units = plan.units[:1] if opts.fault == "stall" else plan.units
     pacer = request.app[PACER_KEY]
-    finished = await pacer.play(transport, units, start + opts.ttft_ms / 1000, opts.tokens_per_s)
+    finished = await pacer.play(transport, units, first, opts.tokens_per_s)
     if not finished:
         return resp
     if opts.fault == "stall":
@@ -284,6 +318,8 @@ async def _stream(
         transport.close()  # no terminal event, no final chunk: the peer sees a broken body
         return resp
     await resp.write_eof()
+    if seat is not None:
+        seat.finished = True
     return resp
 
 
@@ -351,12 +387,15 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
         response.headers["x-request-id"] = rid
 
 
-def create_app(ttft_ms: float = 0, tokens_per_s: float = 0) -> web.Application:
-    """The simulator as an aiohttp application (server-wide timing defaults)."""
+def create_app(
+    ttft_ms: float = 0, tokens_per_s: float = 0, load: LoadConfig | None = None
+) -> web.Application:
+    """The simulator as an aiohttp application (server-wide timing defaults, load model)."""
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[DEFAULTS_KEY] = SimDefaults(float(ttft_ms), float(tokens_per_s))
     app[PACER_KEY] = Pacer()
     app.on_response_prepare.append(_echo_request_id)
+    add_load_model(app, load)
     app.router.add_post("/v1/responses", _responses)
     app.router.add_post("/v1/chat/completions", _chat)
     app.router.add_get("/v1/models", _models)
@@ -365,7 +404,11 @@ def create_app(ttft_ms: float = 0, tokens_per_s: float = 0) -> web.Application:
 
 
 def run(
-    host: str = "127.0.0.1", port: int = 8000, ttft_ms: float = 0, tokens_per_s: float = 0
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    ttft_ms: float = 0,
+    tokens_per_s: float = 0,
+    load: LoadConfig | None = None,
 ) -> None:
     """Serve the simulator until SIGINT/SIGTERM (blocking, on uvloop)."""
     import gc
@@ -373,9 +416,11 @@ def run(
     import uvloop
 
     loop = uvloop.new_event_loop()
-    app = create_app(ttft_ms, tokens_per_s)
+    app = create_app(ttft_ms, tokens_per_s, load)
     gc.freeze()  # startup objects never die: keep full collections (pauses) short under load
     rate = f"{tokens_per_s:g} tokens/s" if tokens_per_s > 0 else "max speed"
+    if load is not None and load.active:
+        rate += f"; {load.describe()}"
     print(f"bastion sim on http://{host}:{port}/v1 (ttft {ttft_ms:g} ms, {rate})", flush=True)
     web.run_app(
         app,
