@@ -69,6 +69,17 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def limiter_fell_back(*roots: str) -> bool:
+    """Whether any gateway decided a rate limit without Redis (a round trip slower than
+    its timeout, on a starved machine): those decisions may refuse with 429, by design."""
+    for root in roots:
+        text = httpx.get(f"{root}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith("bastion_ratelimit_fallbacks_total ") and float(line.split()[1]):
+                return True
+    return False
+
+
 @pytest.fixture(scope="session")
 def sim_port() -> Iterator[int]:
     port = free_port()

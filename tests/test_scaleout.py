@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import openai
 import pytest
-from conftest import PG_ADMIN_URL, Gateway, _pg_admin, free_port, start, stop
+from conftest import PG_ADMIN_URL, Gateway, _pg_admin, free_port, limiter_fell_back, start, stop
 from openai import AsyncOpenAI, OpenAI
 
 from bastion.money import cost_nanos, parse_usd
@@ -112,7 +112,8 @@ def test_invariants_hold_under_200_concurrent_requests_over_both(replicas):
 
     outcomes = asyncio.run(burst())
     served = outcomes.count("ok")
-    assert set(outcomes) <= {"ok", "402"}, outcomes
+    allowed = {"ok", "402"} | ({"429"} if limiter_fell_back(a.root, b.root) else set())
+    assert set(outcomes) <= allowed, outcomes
     assert 1 <= served <= parse_usd("0.10") // each
     rows = a.settled(account, served)
     assert len(rows) == served == len({r.request_id for r in rows})
