@@ -36,6 +36,7 @@ from bastion.periods import period_end, period_start
 from bastion.ratelimit import Decision, open_limiter
 from bastion.refusals import COUNTED, RefusalCollector, RefusalCounter
 from bastion.relay import Call, Relay
+from bastion.routing import RoutingCollector
 from bastion.store import ApiKey, LedgerRow, open_store
 from bastion.store.common import now_us
 from bastion.store.outbox import KEY_LIMIT_REACHED
@@ -81,6 +82,8 @@ class Gateway:
             config.health_check_interval_s,
             client_write_timeout_s=config.server.client_write_timeout_s,
             max_event_bytes=config.server.max_event_bytes,
+            models=config.models,  # each model's routing policy (bastion/routing/)
+            routing=config.routing,
         )
         self.guard = BodyGuard(config.server.max_json_containers)
         self.cache_salt = CacheSalts(config.server.cache_salt_secret)  # cache_isolation models
@@ -91,6 +94,7 @@ class Gateway:
         self.metrics.models = {m.id: m.upstreams for m in config.models.values()}
         self.refusals = RefusalCounter(self.store, config.refresh_interval_s)
         self.metrics.registry.register(RefusalCollector(self.refusals))
+        self.metrics.registry.register(RoutingCollector(self.relay.router))
         self.webhooks = webhook_sender(self.store, config.webhooks, self.metrics.registry)
         self.tracer = open_tracing(config.tracing, config.models)  # None: off, nothing imported
         # streams in flight: to end if their lease is given up, to checkpoint for crashes
@@ -193,7 +197,7 @@ class Gateway:
             call.trace = trace
             if call.stream:
                 self.streams[call] = (key, req)
-            response = await self.relay.send(request, call)
+            response = await self.relay.send(request, call, req.body)
             self.metrics.overhead[endpoint].observe(
                 max(0.0, time.perf_counter() - started - call.upstream_s)
             )

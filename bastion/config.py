@@ -24,6 +24,9 @@ ENDPOINTS = ("responses", "chat")
 CACHE_ISOLATION = ("none", "account")
 """``models[].cache_isolation``: share the upstream's prefix cache, or salt it per account."""
 
+ROUTING = ("least_outstanding", "load_aware", "prefix_affinity")
+"""``models[].routing``: how a replica is picked (docs/routing.md)."""
+
 MIN_SALT_SECRET = 32
 
 DEFAULT_SOURCE = "built-in default"
@@ -85,6 +88,17 @@ class TracingConfig:
 
 
 @dataclass(frozen=True)
+class RoutingConfig:
+    """What the load_aware and prefix_affinity policies need (docs/routing.md)."""
+
+    scrape_interval_s: float = 1.0  # each replica's /metrics, off the request path
+    scrape_timeout_s: float = 0.5  # a scrape slower than this failed
+    stale_after_s: float = 3.0  # older load signals are not used
+    affinity_bound: float = 1.25  # a replica over this × the mean load is skipped
+    affinity_prefix_chars: int = 4096  # of the prompt's leading part, hashed for affinity
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     name: str
     url: str
@@ -92,6 +106,7 @@ class UpstreamConfig:
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 300.0
     health_path: str = "/health"  # active health check, relative to the server root
+    metrics_path: str = "/metrics"  # load signals (routing), relative to the server root
 
 
 @dataclass(frozen=True)
@@ -106,6 +121,7 @@ class ModelConfig:
     cached_input_price: int = -1  # -1: the input price
     image_tokens: int = 0  # input bound per image/file/audio/video part; 0: [metering]'s
     cache_isolation: str = "none"  # "account": upstream prefix cache salted per account
+    routing: str = "least_outstanding"  # one of ROUTING
 
     @property
     def renamed(self) -> bool:
@@ -131,6 +147,7 @@ class Config:
     metering: MeteringConfig = field(default_factory=MeteringConfig)
     webhooks: WebhooksConfig = field(default_factory=WebhooksConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     models: dict[str, ModelConfig] = field(default_factory=dict)
     admin_token: str = ""
@@ -220,6 +237,7 @@ def parse_config(data: dict[str, Any]) -> Config:
                 cached_input_price=_price_or_unset(raw.pop("cached_input_price", None)),
                 image_tokens=int(raw.pop("image_tokens", metering.image_tokens)),
                 cache_isolation=str(raw.pop("cache_isolation", "none")),
+                routing=str(raw.pop("routing", "least_outstanding")),
             )
         except KeyError as exc:
             raise ConfigError(f"{models_key}: missing {exc.args[0]}") from None
@@ -249,6 +267,10 @@ def parse_config(data: dict[str, Any]) -> Config:
         if model.max_output_tokens < 1:
             raise ConfigError(f"{models_key}.max_output_tokens must be positive")
         _cache_isolation(model, models_key, server)
+        if model.routing not in ROUTING:
+            raise ConfigError(
+                f"{models_key}.routing must be one of {', '.join(ROUTING)}, got {model.routing!r}"
+            )
         models[model.id] = model
     db = data.get("database", {})
     admin = data.get("admin", {})
@@ -259,6 +281,7 @@ def parse_config(data: dict[str, Any]) -> Config:
         metering=metering,
         webhooks=webhooks,
         tracing=tracing,
+        routing=_routing(_section(data, "routing", RoutingConfig)),
         upstreams=upstreams,
         models=models,
         admin_token=str(admin.get("token", "")),
@@ -344,6 +367,23 @@ def _tracing(tracing: TracingConfig) -> TracingConfig:
     if url.path in ("", "/"):
         return replace(tracing, otlp_endpoint=url._replace(path="/v1/traces").geturl())
     return tracing
+
+
+def _routing(routing: RoutingConfig) -> RoutingConfig:
+    """Signals must be able to arrive before they go stale, and a scrape end before the next."""
+    r = routing
+    if not r.scrape_interval_s > 0 or not 0 < r.scrape_timeout_s <= r.scrape_interval_s:
+        raise ConfigError(
+            "routing.scrape_interval_s must be positive and routing.scrape_timeout_s between 0"
+            " and it"
+        )
+    if not r.stale_after_s > r.scrape_interval_s:
+        raise ConfigError("routing.stale_after_s must be longer than routing.scrape_interval_s")
+    if not r.affinity_bound >= 1.0:  # NaN fails too
+        raise ConfigError(f"routing.affinity_bound must be at least 1, got {r.affinity_bound}")
+    if r.affinity_prefix_chars < 1:
+        raise ConfigError("routing.affinity_prefix_chars must be positive")
+    return r
 
 
 def _cache_isolation(model: ModelConfig, where: str, server: ServerConfig) -> None:

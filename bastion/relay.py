@@ -25,7 +25,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,9 +34,10 @@ import orjson
 from aiohttp import web
 from aiohttp.http import StreamWriter
 
-from bastion.config import ModelConfig, ServerConfig, UpstreamConfig
+from bastion.config import ModelConfig, RoutingConfig, ServerConfig, UpstreamConfig
 from bastion.errors import APIError
 from bastion.metering import Usage, usage_from
+from bastion.routing import Router
 from bastion.upstream_http import (
     Aborted,
     Answer,
@@ -117,11 +118,14 @@ class Relay:
         health_interval_s: float = 5.0,
         client_write_timeout_s: float = 60.0,
         max_event_bytes: int = ServerConfig.max_event_bytes,
+        models: Mapping[str, ModelConfig] | None = None,
+        routing: RoutingConfig | None = None,
     ) -> None:
         self.upstreams = upstreams
         self.client_write_timeout_s = client_write_timeout_s
         self.max_event_bytes = max_event_bytes
         self.pool = UpstreamPool(upstreams, health_interval_s)
+        self.router = Router(self.pool, models or {}, routing or RoutingConfig())  # per model
         self.session: aiohttp.ClientSession | None = None  # health checks and /readyz probes
         self.clients: dict[str, UpstreamClient] = {}  # requests, one keep-alive pool each
 
@@ -131,6 +135,7 @@ class Relay:
             skip_auto_headers=("User-Agent",),
         )
         await self.pool.start(self.session)
+        self.router.start(self.session)  # load signals, if a model's policy reads them
         self.clients = {
             name: UpstreamClient(
                 u.url,
@@ -144,22 +149,31 @@ class Relay:
 
     async def close(self) -> None:
         await self.pool.close()
+        await self.router.close()
         for client in self.clients.values():
             await client.close()
         if self.session:
             await self.session.close()
 
-    async def send(self, request: web.Request, call: Call) -> web.StreamResponse:
+    async def send(
+        self, request: web.Request, call: Call, body: dict | None = None
+    ) -> web.StreamResponse:
         """Try the model's replicas until one answers; retry only before the client got a byte.
 
-        After a second timeout no other replica is tried: each costs a whole read timeout."""
+        After a second timeout no other replica is tried: each costs a whole read timeout.
+        The model's routing policy picks each replica; an affinity key (from ``body``, the
+        parsed request, and the headers) is computed once, for every attempt."""
         assert self.clients, "Relay.start() first"
         path = "/responses" if call.endpoint == "responses" else "/chat/completions"
         tried: set[str] = set()
         sent = time.perf_counter()
         error: APIError | None = None
         timed_out = False
-        while (replica := self.pool.pick(call.model.upstreams, tried)) is not None:
+        policy = self.router.policy(call.model)
+        key = 0
+        if policy.keyed:
+            key = policy.key(body, request.headers if request is not None else None)
+        while (replica := policy.pick(call.model.upstreams, tried, key)) is not None:
             tried.add(replica.config.name)
             call.upstream = replica.config
             call.attempts += 1

@@ -40,8 +40,13 @@ CHECK_TIMEOUT_S = 2.0  # a health check slower than this failed (a hung server n
 
 def health_url(config: UpstreamConfig) -> str:
     """``health_path`` at the server root: ``http://h:8000/v1`` → ``http://h:8000/health``."""
-    url = urlsplit(config.url)
-    return urlunsplit((url.scheme, url.netloc, config.health_path, "", ""))
+    return at_root(config.url, config.health_path)
+
+
+def at_root(base: str, path: str) -> str:
+    """``path`` at the server root of the upstream URL ``base`` (its own path dropped)."""
+    url = urlsplit(base)
+    return urlunsplit((url.scheme, url.netloc, path, "", ""))
 
 
 @dataclass(slots=True)
@@ -82,13 +87,23 @@ class UpstreamPool:
 
     def pick(self, names: tuple[str, ...], exclude: set[str]) -> Replica | None:
         """The replica for the next attempt, or None when every one was tried."""
-        candidates = [self.replicas[n] for n in names if n not in exclude]
+        candidates = self.candidates(names, exclude)
         if not candidates:
             return None
+        return self.chosen(min(candidates, key=lambda r: (r.outstanding, r.last_used)))
+
+    def candidates(self, names: tuple[str, ...], exclude: set[str]) -> list[Replica]:
+        """The replicas a policy may choose from: those not tried yet and in rotation; if
+        none is in rotation, the one most likely back (every routing policy shares this)."""
+        candidates = [self.replicas[n] for n in names if n not in exclude]
         if len(candidates) > 1:
             healthy = [r for r in candidates if r.available]
             candidates = healthy or [min(candidates, key=lambda r: (r.down, r.ejected_until))]
-        replica = min(candidates, key=lambda r: (r.outstanding, r.last_used))
+        return candidates
+
+    @staticmethod
+    def chosen(replica: Replica) -> Replica:
+        """Note that ``replica`` gets the next attempt (least recently used breaks ties)."""
         replica.last_used = time.monotonic()
         replica.attempts += 1
         return replica
