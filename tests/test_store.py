@@ -260,6 +260,18 @@ async def test_a_credit_past_the_largest_balance_is_refused_and_changes_nothing(
     assert isinstance((await query(db_url, "SELECT balance FROM accounts"))[0][0], int)
 
 
+async def test_a_nul_character_in_a_name_or_label_is_refused_on_every_store(store: Store) -> None:
+    """PostgreSQL can neither store nor compare text with NUL in it; SQLite would store it.
+    Both refuse it, with the same message, before anything is written."""
+    with pytest.raises(StoreError, match="NUL"):
+        await store.create_account("a\x00b", 0)
+    await store.create_account("acme", 0)
+    with pytest.raises(StoreError, match="NUL"):
+        await store.create_key("acme", name="ci\x00runner")
+    assert [a.name for a in await store.list_accounts()] == ["acme"]
+    assert await store.list_keys("acme") == []
+
+
 async def test_list_accounts_sorted(store: Store) -> None:
     for name in ("zeta", "alpha", "mid"):
         await store.create_account(name, 1)

@@ -91,6 +91,22 @@ def check_limits(rpm: int | None, tpm: int | None) -> None:
             raise StoreError(f"{label} must be 0 (unlimited) or positive, got {value}")
 
 
+def check_account_name(name: str) -> None:
+    """A name an operator can type and every store can hold and compare."""
+    if not name or not name.strip():
+        raise StoreError("account name must not be empty")
+    if name != name.strip():
+        raise StoreError(f"account name {name!r} has leading or trailing spaces")
+    check_text(name, "account name")
+
+
+def check_text(value: str, what: str) -> None:
+    """PostgreSQL can neither store nor look up text with a NUL character; refused on
+    every store alike, so a name that works on SQLite does not fail later on PostgreSQL."""
+    if "\x00" in value:
+        raise StoreError(f"{what} {value!r} contains a NUL character")
+
+
 def check_key_fields(
     spend_limit: int | Unchanged | None,
     limit_reset: str | None,
@@ -109,6 +125,8 @@ def check_key_fields(
             raise StoreError("a model list must name at least one model (None allows all)")
         if not all(isinstance(m, str) and m for m in models):
             raise StoreError("model names must be non-empty strings")
+        for model in models:
+            check_text(model, "model name")
 
 
 def key_changes(

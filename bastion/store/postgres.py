@@ -60,10 +60,12 @@ from bastion.store.common import (
     allocate,
     api_key,
     charges,
+    check_account_name,
     check_credit,
     check_key_fields,
     check_limits,
     check_row,
+    check_text,
     checkpoint_row,
     checkpoint_values,
     dead_letter_json,
@@ -234,10 +236,7 @@ class PostgresStore:
     # ---- accounts -------------------------------------------------------------------
 
     async def create_account(self, name: str, credit: int = 0) -> Account:
-        if not name or not name.strip():
-            raise StoreError("account name must not be empty")
-        if name != name.strip():
-            raise StoreError(f"account name {name!r} has leading or trailing spaces")
+        check_account_name(name)
         if credit < 0:
             raise StoreError("initial credit must not be negative")
         account_id, now = new_id("acct_"), now_us()
@@ -322,6 +321,7 @@ class PostgresStore:
         expires_at: int | None = None,
         models: frozenset[str] | None = None,
     ) -> tuple[ApiKey, str]:
+        check_text(name, "key label")
         check_limits(rpm, tpm)
         check_key_fields(spend_limit, limit_reset, expires_at, models)
         key_id, plaintext = new_id("key_"), generate_key()

@@ -50,10 +50,12 @@ from bastion.store.common import (
     allocate,
     api_key,
     charges,
+    check_account_name,
     check_credit,
     check_key_fields,
     check_limits,
     check_row,
+    check_text,
     checkpoint_row,
     checkpoint_values,
     dead_letter_json,
@@ -169,10 +171,7 @@ class SQLiteStore:
     # ---- accounts -------------------------------------------------------------------
 
     async def create_account(self, name: str, credit: int = 0) -> Account:
-        if not name or not name.strip():
-            raise StoreError("account name must not be empty")
-        if name != name.strip():
-            raise StoreError(f"account name {name!r} has leading or trailing spaces")
+        check_account_name(name)
         if credit < 0:
             raise StoreError("initial credit must not be negative")
         return await self._run(self._create_account, name, credit)
@@ -261,6 +260,7 @@ class SQLiteStore:
         expires_at: int | None = None,
         models: frozenset[str] | None = None,
     ) -> tuple[ApiKey, str]:
+        check_text(name, "key label")
         check_limits(rpm, tpm)
         check_key_fields(spend_limit, limit_reset, expires_at, models)
         fields = (rpm, tpm, spend_limit, limit_reset, expires_at, models_text(models))
