@@ -51,7 +51,7 @@ sim: $(RUNTIME)
 
 test: $(STAMP) $(TOOLS)  ## the whole suite (lint, Python tests, JavaScript examples)
 	$(BIN)/ruff check .
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2  # two workers: the outage and partition tests mostly wait
 
 examples: $(EXAMPLES) $(NODE_EXAMPLES)  ## all six client examples (examples/) against a test gateway
 	BASTION_ALL_EXAMPLES=1 $(BIN)/pytest tests/test_client_examples.py

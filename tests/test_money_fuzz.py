@@ -49,7 +49,7 @@ from bastion.money import cost_nanos, format_usd, parse_usd
 from bastion.store import LedgerRow, open_store
 
 SEED = int(os.environ.get("BASTION_FUZZ_SEED", "20261205"))
-SECONDS = float(os.environ.get("BASTION_FUZZ_SECONDS", "45"))
+SECONDS = float(os.environ.get("BASTION_FUZZ_SECONDS", "20"))
 CLIENTS = 16
 ADMIN_TOKEN = "fuzz-admin-token"
 REDIS_URL = "redis://127.0.0.1:6379/0"
