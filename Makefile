@@ -15,7 +15,7 @@ NODE_EXAMPLES := examples/node/node_modules/.package-lock.json
 TOOLS := $(VENV)/.installed-tools
 APT := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
-.PHONY: demo test examples bench sim clean fuzz fuzz-money soak
+.PHONY: demo test examples bench bench-routing sim clean fuzz fuzz-money soak
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -67,6 +67,9 @@ fuzz-money: $(STAMP)  ## randomized money test (tests/test_money_fuzz.py), 600 s
 
 bench: $(STAMP)  ## gateway benchmark (bench/README.md); options: make bench ARGS="--quick --scale"
 	$(BIN)/python -m bench.run $(ARGS)
+
+bench-routing: $(STAMP)  ## routing policies on 4 simulated vLLM replicas (bench/routing.py), ~7 min; e.g. ARGS="--quick"
+	$(BIN)/python -m bench.routing $(ARGS)
 
 soak: $(STAMP)  ## 30-minute soak of one gateway (bench/soak.py); e.g. make soak ARGS="--minutes 5"
 	$(BIN)/python -m bench.soak $(ARGS)
