@@ -23,7 +23,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from bastion.app import Gateway, error_response, json_response
+from bastion.answers import error_response, json_response
+from bastion.app import Gateway
 from bastion.audit import run_audit
 from bastion.config import Config
 from bastion.errors import APIError, invalid

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
+from bastion.answers import new_request_id
 from bastion.auth import KeyTable, well_formed
 from bastion.bodyguard import BodyGuard
 from bastion.cachesalt import CacheSalts
@@ -37,6 +37,7 @@ from bastion.ratelimit import Decision, open_limiter
 from bastion.refusals import COUNTED, RefusalCollector, RefusalCounter
 from bastion.relay import Call, Relay
 from bastion.routing import RoutingCollector
+from bastion.sideroutes import ENDPOINT_PATHS, SideEndpoints
 from bastion.store import ApiKey, LedgerRow, open_store
 from bastion.store.common import now_us
 from bastion.store.outbox import KEY_LIMIT_REACHED
@@ -50,8 +51,6 @@ log = logging.getLogger("bastion")
 
 GC_THRESHOLD = 10_000  # allocations between young collections (CPython's default: 700)
 DRAIN_GRACE_S = 2.0  # after the drain deadline: time for ended streams to settle
-_ENDPOINT_PATHS = {"responses": "/v1/responses", "chat": "/v1/chat/completions"}
-_ENDPOINT_ORDER = ("responses", "chat")
 # the cap field a refusal advises when the client sent none (chat: the current name)
 _CAP_FIELD = {"responses": "max_output_tokens", "chat": "max_completion_tokens"}
 
@@ -103,7 +102,6 @@ class Gateway:
         self.draining = False
         self._idle = asyncio.Event()  # set when draining and nothing is in flight
         self.created = int(time.time())
-        self._ready: tuple[float, bool] = (0.0, False)
 
     # ---- lifecycle -------------------------------------------------------------
     async def startup(self, app: web.Application) -> None:
@@ -305,8 +303,8 @@ class Gateway:
             raise APIError(
                 400,
                 "model_not_found",
-                f"The model '{name}' is not served on {_ENDPOINT_PATHS[endpoint]}; "
-                f"use {_ENDPOINT_PATHS[other]} instead.",
+                f"The model '{name}' is not served on {ENDPOINT_PATHS[endpoint]}; "
+                f"use {ENDPOINT_PATHS[other]} instead.",
                 "model",
             )
         return model
@@ -614,86 +612,10 @@ class Gateway:
             if call.epoch != self.book.epoch:
                 call.abort("the gateway lost contact with its billing store; stream ended")
 
-    # ---- the other endpoints ------------------------------------------------------
-    async def models(self, request: web.Request) -> web.Response:
-        request_id = new_request_id()
-        try:
-            key = self.authenticate(request)
-        except APIError as exc:
-            return error_response(exc, request_id)
-        allowed = key.models
-        data = [
-            {
-                "id": m.id,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "bastion",
-                "endpoints": [_ENDPOINT_PATHS[e] for e in _ENDPOINT_ORDER if e in m.endpoints],
-            }
-            for m in self.config.models.values()
-            if allowed is None or m.id in allowed
-        ]
-        return json_response({"object": "list", "data": data}, request_id)
-
-    async def stored(self, request: web.Request) -> web.Response:
-        return error_response(
-            APIError(
-                404,
-                "not_found",
-                "Bastion is stateless: it stores no responses, so there is nothing to retrieve, "
-                'delete or list. Send "store": false and keep the output yourself.',
-            ),
-            new_request_id(),
-        )
-
-    async def not_found(self, request: web.Request) -> web.Response:
-        return error_response(
-            APIError(
-                404,
-                "not_found",
-                f"Unknown path: {request.method} {request.path}",
-            ),
-            new_request_id(),
-        )
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return json_response({"status": "ok"}, new_request_id())
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        if self.draining:
-            return json_response({"status": "draining"}, new_request_id(), 503)
-        checked, ok = self._ready
-        if time.monotonic() - checked > 2.0:
-            ok = await self._check_ready()
-            self._ready = (time.monotonic(), ok)
-        body = {"status": "ready" if ok else "not ready"}
-        return json_response(body, new_request_id(), 200 if ok else 503)
-
-    async def _check_ready(self) -> bool:
-        try:
-            await asyncio.wait_for(self.store.ping(), 2.0)
-        except Exception:
-            return False
-        # the replicas' own health checks (GET <root>/health) say which are in rotation
-        return any(replica.available for replica in self.relay.pool.replicas.values())
-
-    async def metrics_endpoint(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=self.metrics.render(),
-            headers={
-                "Content-Type": "text/plain; version=0.0.4; charset=utf-8",
-                "x-request-id": new_request_id(),
-            },
-        )
-
 
 def _iso(us: int) -> str:
     """µs since the epoch as UTC ISO 8601, to the second: 2026-12-06T00:00:00Z."""
     return datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def new_request_id() -> str:
-    return "req_" + os.urandom(16).hex()
 
 
 def _draining() -> APIError:
@@ -743,24 +665,6 @@ def _too_large(limit: int) -> APIError:
     return APIError(413, "request_too_large", f"The request body is over {limit} bytes.")
 
 
-def json_response(obj: object, request_id: str, status: int = 200) -> web.Response:
-    return web.Response(
-        body=orjson.dumps(obj),
-        status=status,
-        content_type="application/json",
-        headers={"x-request-id": request_id},
-    )
-
-
-def error_response(exc: APIError, request_id: str) -> web.Response:
-    return web.Response(
-        body=exc.body(),
-        status=exc.status,
-        content_type="application/json",
-        headers={"x-request-id": request_id, **exc.headers},
-    )
-
-
 def open_tracing(config: TracingConfig, models: Iterable[str]) -> Tracing | None:
     """[tracing] on: the OpenTelemetry tracer, its package imported only now; off: None."""
     if not config.otlp_endpoint:
@@ -805,12 +709,8 @@ def create_app(config: Config, replicas: int = 1, seat: str = "") -> web.Applica
     r = app.router
     r.add_post("/v1/responses", responses)
     r.add_post("/v1/chat/completions", chat)
-    r.add_get("/v1/models", gateway.models)
-    r.add_route("*", "/v1/responses/{id}", gateway.stored)
-    r.add_route("*", "/v1/responses/{id}/{rest:.*}", gateway.stored)
-    r.add_get("/healthz", gateway.healthz)
-    r.add_get("/readyz", gateway.readyz)
-    r.add_get("/metrics", gateway.metrics_endpoint)
+    side = SideEndpoints(gateway)
+    side.add_routes(app)
     from bastion.selfservice import add_selfservice_routes  # it imports this module
 
     add_selfservice_routes(app, gateway)
@@ -820,5 +720,5 @@ def create_app(config: Config, replicas: int = 1, seat: str = "") -> web.Applica
 
         add_admin_routes(app, gateway)
         add_console_routes(app, gateway)
-    r.add_route("*", "/{tail:.*}", gateway.not_found)
+    r.add_route("*", "/{tail:.*}", side.not_found)
     return app

@@ -15,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from bastion.app import Gateway, error_response, json_response, new_request_id
+from bastion.answers import error_response, json_response, new_request_id
+from bastion.app import Gateway
 from bastion.errors import APIError, invalid
 from bastion.money import format_usd
 from bastion.periods import period_start
