@@ -69,6 +69,45 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def shared_store_toml(
+    pg: str,
+    sim: int,
+    redis: str = REDIS_URL,
+    *,
+    max_output_tokens: int = 1000,
+    top: str = "",
+) -> str:
+    """A gateway on PostgreSQL and Redis with one model ``m`` ($1/$2 per 1M tokens) on
+    one simulator: what the scale-out and outage tests run as several replicas.
+    ``top``: more top-level keys (``lease_ttl_s = 8``)."""
+    return f"""
+refresh_interval_s = 0.5
+{top}
+[database]
+url = "{pg}"
+
+[ratelimit]
+url = "{redis}"
+default_rpm = 100000
+default_tpm = 100000000
+
+[[upstreams]]
+name = "sim"
+url = "http://127.0.0.1:{sim}/v1"
+
+[[models]]
+id = "m"
+endpoints = ["responses", "chat"]
+upstreams = ["sim"]
+input_price = "1.00"
+output_price = "2.00"
+max_output_tokens = {max_output_tokens}
+"""
+
+
 def limiter_fell_back(*roots: str) -> bool:
     """Whether any gateway decided a rate limit without Redis (a round trip slower than
     its timeout, on a starved machine): those decisions may refuse with 429, by design."""

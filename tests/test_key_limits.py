@@ -23,7 +23,7 @@ from pathlib import Path
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import Gateway, free_port, limiter_fell_back, start, stop
+from conftest import Gateway, free_port, limiter_fell_back, shared_store_toml, start, stop
 from openai import AsyncOpenAI
 from test_store import query
 
@@ -514,36 +514,12 @@ async def test_a_new_day_starts_from_zero_and_a_request_across_midnight_stays_in
 
 # ---- two replicas on PostgreSQL and Redis ----------------------------------------------
 
-REPLICA_TOML = """
-refresh_interval_s = 0.5
-
-[database]
-url = "{pg}"
-
-[ratelimit]
-url = "redis://127.0.0.1:6379/0"
-default_rpm = 100000
-default_tpm = 100000000
-
-[[upstreams]]
-name = "sim"
-url = "http://127.0.0.1:{sim}/v1"
-
-[[models]]
-id = "m"
-endpoints = ["responses", "chat"]
-upstreams = ["sim"]
-input_price = "1.00"
-output_price = "2.00"
-max_output_tokens = 1000
-"""
-
 
 @pytest.fixture
 def replicas(tmp_path: Path, pg_url: str, sim_port: int) -> Iterator[tuple[Gateway, Gateway]]:
     """Two `bastion serve` processes, same config, same PostgreSQL and Redis."""
     config = tmp_path / "bastion.toml"
-    config.write_text(REPLICA_TOML.format(pg=pg_url, sim=sim_port))
+    config.write_text(shared_store_toml(pg_url, sim_port))
     gateways = []
     for _ in range(2):
         port = free_port()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Gateway, free_port, start, stop
+from conftest import Gateway, free_port, shared_store_toml, start, stop
 from faultproxy import FaultProxy
 
 from bastion.money import parse_usd
@@ -45,30 +45,6 @@ TOLERANCE = 5
 CREDIT = "10.00"
 BODY = {"model": "m", "input": "x", "max_output_tokens": 16, "sim": {"tokens": 4}}
 
-TOML = """
-refresh_interval_s = 0.5
-
-[database]
-url = "{pg}"
-
-[ratelimit]
-url = "{redis}"
-default_rpm = 100000
-default_tpm = 100000000
-
-[[upstreams]]
-name = "sim"
-url = "http://127.0.0.1:{sim}/v1"
-
-[[models]]
-id = "m"
-endpoints = ["responses", "chat"]
-upstreams = ["sim"]
-input_price = "1.00"
-output_price = "2.00"
-max_output_tokens = 100
-"""
-
 
 @dataclass
 class Served:
@@ -83,7 +59,7 @@ def fleet(tmp_path: Path, pg_url: str, sim_port: int) -> Iterator[tuple[Gateway,
     proxy = FaultProxy("127.0.0.1", 6379).start()
     config = tmp_path / "bastion.toml"
     redis_url = proxy.url_for("redis://127.0.0.1:6379/0")
-    config.write_text(TOML.format(pg=pg_url, redis=redis_url, sim=sim_port))
+    config.write_text(shared_store_toml(pg_url, sim_port, redis_url, max_output_tokens=100))
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as stderr:

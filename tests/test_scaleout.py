@@ -12,36 +12,19 @@ import asyncpg
 import httpx
 import openai
 import pytest
-from conftest import PG_ADMIN_URL, Gateway, _pg_admin, free_port, limiter_fell_back, start, stop
+from conftest import (
+    PG_ADMIN_URL,
+    Gateway,
+    _pg_admin,
+    free_port,
+    limiter_fell_back,
+    shared_store_toml,
+    start,
+    stop,
+)
 from openai import AsyncOpenAI, OpenAI
 
 from bastion.money import cost_nanos, parse_usd
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-TOML = """
-refresh_interval_s = 0.5
-
-[database]
-url = "{pg}"
-
-[ratelimit]
-url = "{redis}"
-default_rpm = 100000
-default_tpm = 100000000
-
-[[upstreams]]
-name = "sim"
-url = "http://127.0.0.1:{sim}/v1"
-
-[[models]]
-id = "m"
-endpoints = ["responses", "chat"]
-upstreams = ["sim"]
-input_price = "1.00"
-output_price = "2.00"
-max_output_tokens = 1000
-"""
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +43,7 @@ def replicas(tmp_path_factory, pg: str, sim_port: int) -> Iterator[tuple[Gateway
     """Two `bastion serve` processes, same config, same PostgreSQL and Redis."""
     tmp = tmp_path_factory.mktemp("scaleout")
     config = tmp / "bastion.toml"
-    config.write_text(TOML.format(pg=pg, redis=REDIS_URL, sim=sim_port))
+    config.write_text(shared_store_toml(pg, sim_port))
     env_extra = {"BASTION_ADMIN_TOKEN": "admin-secret"}
     gateways = []
     import os
@@ -157,7 +140,7 @@ def test_revoked_through_one_replica_is_refused_by_the_other_within_5s(replicas)
 def test_workers_2_serves_from_two_processes(tmp_path, pg_url: str, sim_port: int):
     pg = pg_url  # a database of its own: the gateways heartbeating in it are these workers
     config = tmp_path / "bastion.toml"
-    config.write_text(TOML.format(pg=pg, redis=REDIS_URL, sim=sim_port))
+    config.write_text(shared_store_toml(pg, sim_port))
     port = free_port()
     proc = start(
         ["serve", "--config", str(config), "--port", str(port), "--workers", "2"],

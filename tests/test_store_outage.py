@@ -13,34 +13,10 @@ import urllib.parse
 
 import httpx
 import pytest
-from conftest import Gateway, free_port, start, stop
+from conftest import Gateway, free_port, shared_store_toml, start, stop
 from faultproxy import FaultProxy
 
 from bastion.money import parse_usd
-
-TOML = """
-refresh_interval_s = 0.5
-lease_ttl_s = 8
-
-[database]
-url = "{pg}"
-
-[ratelimit]
-url = "redis://127.0.0.1:6379/0"
-default_rpm = 100000
-default_tpm = 100000000
-
-[[upstreams]]
-name = "sim"
-url = "http://127.0.0.1:{sim}/v1"
-
-[[models]]
-id = "m"
-upstreams = ["sim"]
-input_price = "1.00"
-output_price = "2.00"
-max_output_tokens = 50
-"""
 
 
 @pytest.mark.parametrize("mode,outage_s", [("refuse", 20), ("blackhole", 40)])
@@ -51,7 +27,11 @@ def test_postgres_outage_503s_promptly_logs_quietly_loses_nothing(
     parts = urllib.parse.urlsplit(pg_url)
     proxy = FaultProxy(parts.hostname or "127.0.0.1", parts.port or 5432).start()
     config = tmp_path / "bastion.toml"
-    config.write_text(TOML.format(pg=proxy.url_for(pg_url), sim=sim_port))
+    config.write_text(
+        shared_store_toml(
+            proxy.url_for(pg_url), sim_port, max_output_tokens=50, top="lease_ttl_s = 8\n"
+        )
+    )
     port = free_port()
     log_path = tmp_path / "gateway.log"
     with open(log_path, "w") as log_file:
