@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from bastion.money import parse_usd
-from bastion.store import Account, LedgerRow, open_store
+from bastion.store import Account, LedgerRow, Store, open_store
 
 
 def free_port() -> int:
@@ -117,6 +117,23 @@ def limiter_fell_back(*roots: str) -> bool:
             if line.startswith("bastion_ratelimit_fallbacks_total ") and float(line.split()[1]):
                 return True
     return False
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Every test taking this (or ``store``) runs once per backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bastion.db'}"  # tmp_path is absolute: sqlite:////…
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    """A migrated store on each backend, closed after the test."""
+    s = open_store(db_url)
+    await s.migrate()
+    yield s
+    await s.close()
 
 
 @pytest.fixture(scope="session")

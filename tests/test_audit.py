@@ -13,7 +13,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -25,27 +24,11 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from bastion.admin import add_admin_routes
 from bastion.audit import problem_count, run_audit
-from bastion.store import Account, LedgerRow, NotFound, Store, open_store
+from bastion.store import Account, LedgerRow, NotFound, Store
 from bastion.store.sqlite import sqlite_path
 
 USD = 1_000_000_000
 TOKEN = "audit-admin-token"
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every test taking this (or ``store``) runs once per backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'bastion.db'}"
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = open_store(db_url)
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 async def execute(url: str, sql: str) -> None:

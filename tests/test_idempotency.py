@@ -11,9 +11,8 @@ import os
 import sqlite3
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import closing
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,21 +25,6 @@ from bastion.store.idempotency import KEEP_US, KeyReused
 from bastion.store.sqlite import sqlite_path
 
 USD = 1_000_000_000
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'bastion.db'}"
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = open_store(db_url)
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 async def sql(url: str, statement: str) -> list[tuple[Any, ...]]:

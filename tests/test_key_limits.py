@@ -43,19 +43,6 @@ def utc_us(*when: int) -> int:
     return int(datetime(*when, tzinfo=UTC).timestamp()) * 1_000_000  # type: ignore[misc]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'bastion.db'}"
-    return request.getfixturevalue("pg_url")
-
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = open_store(db_url)
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 def row(request_id: str, account_id: str, key_id: str, cost: int, **kw: object) -> LedgerRow:

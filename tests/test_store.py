@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,25 +25,10 @@ from bastion.store.postgres import PostgresStore, redact
 from bastion.store.sqlite import SQLiteStore, sqlite_path
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Every test taking this (or ``store``) runs once per backend."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'bastion.db'}"  # tmp_path is absolute: sqlite:////…
-    return request.getfixturevalue("pg_url")
-
-
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'bastion.db'}"
 
-
-@pytest.fixture
-async def store(db_url: str) -> AsyncIterator[Store]:
-    s = open_store(db_url)
-    await s.migrate()
-    yield s
-    await s.close()
 
 
 def _now() -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -24,13 +23,6 @@ def at(iso: str) -> int:
     """µs since epoch of an ISO time (UTC)."""
     moment = datetime.fromisoformat(iso).replace(tzinfo=UTC)
     return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'bastion.db'}"
-    return request.getfixturevalue("pg_url")
 
 
 class Ledger:
