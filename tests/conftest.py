@@ -108,6 +108,56 @@ max_output_tokens = {max_output_tokens}
 """
 
 
+def start_replicas(
+    config: Path, db_url: str, n: int = 2, env: dict[str, str] | None = None
+) -> list[Gateway]:
+    """``n`` `bastion serve` processes on one config (one shared store); ``stop`` each."""
+    gateways = []
+    for _ in range(n):
+        port = free_port()
+        proc = start(
+            ["serve", "--config", str(config), "--port", str(port)],
+            f"http://127.0.0.1:{port}/healthz",
+            env={**os.environ, **(env or {})},
+        )
+        root = f"http://127.0.0.1:{port}"
+        gateways.append(Gateway(root + "/v1", root, config, db_url, proc))
+    return gateways
+
+
+def mixed_burst(a: Gateway, b: Gateway, key: str, n: int = 200) -> list[str]:
+    """``n`` concurrent requests of 1,000 output tokens with ``key``, alternating between
+    the two gateways; every fourth a Responses stream, the rest chat JSON. Each outcome is
+    "ok" or "<status> <code>"."""
+    from openai import APIStatusError, AsyncOpenAI
+
+    async def one(client: AsyncOpenAI, i: int) -> str:
+        try:
+            if i % 4 == 0:
+                stream = await client.responses.create(
+                    model="m", input=f"r{i}", stream=True, extra_body={"sim": {"tokens": 1000}}
+                )
+                async for _ in stream:
+                    pass
+            else:
+                await client.chat.completions.create(
+                    model="m", messages=[{"role": "user", "content": f"r{i}"}],
+                    extra_body={"sim": {"tokens": 1000}},
+                )  # fmt: skip
+            return "ok"
+        except APIStatusError as exc:
+            return f"{exc.status_code} {exc.code}"
+
+    async def burst() -> list[str]:
+        async with (
+            AsyncOpenAI(base_url=a.url, api_key=key, max_retries=0, timeout=30) as ca,
+            AsyncOpenAI(base_url=b.url, api_key=key, max_retries=0, timeout=30) as cb,
+        ):
+            return await asyncio.gather(*(one(ca if i % 2 else cb, i) for i in range(n)))
+
+    return asyncio.run(burst())
+
+
 def limiter_fell_back(*roots: str) -> bool:
     """Whether any gateway decided a rate limit without Redis (a round trip slower than
     its timeout, on a starved machine): those decisions may refuse with 429, by design."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import time
 import uuid
@@ -23,7 +22,14 @@ from pathlib import Path
 import openai
 import pytest
 from aiohttp.test_utils import TestServer
-from conftest import Gateway, free_port, limiter_fell_back, shared_store_toml, start, stop
+from conftest import (
+    Gateway,
+    limiter_fell_back,
+    mixed_burst,
+    shared_store_toml,
+    start_replicas,
+    stop,
+)
 from openai import AsyncOpenAI
 from test_store import query
 
@@ -507,16 +513,7 @@ def replicas(tmp_path: Path, pg_url: str, sim_port: int) -> Iterator[tuple[Gatew
     """Two `bastion serve` processes, same config, same PostgreSQL and Redis."""
     config = tmp_path / "bastion.toml"
     config.write_text(shared_store_toml(pg_url, sim_port))
-    gateways = []
-    for _ in range(2):
-        port = free_port()
-        proc = start(
-            ["serve", "--config", str(config), "--port", str(port)],
-            f"http://127.0.0.1:{port}/healthz",
-            env={**os.environ},
-        )
-        root = f"http://127.0.0.1:{port}"
-        gateways.append(Gateway(root + "/v1", root, config, pg_url, proc))
+    gateways = start_replicas(config, pg_url)
     yield gateways[0], gateways[1]
     for gw in gateways:
         stop(gw.proc)
@@ -529,31 +526,7 @@ def test_200_requests_over_two_replicas_never_spend_past_the_key_limit(replicas)
     key, account = a.new_key(credit="10.00", spend_limit=limit, limit_reset="daily")
     b.wait_for_key(key)
 
-    async def one(client: AsyncOpenAI, i: int) -> str:
-        try:
-            if i % 4 == 0:
-                stream = await client.responses.create(
-                    model="m", input=f"r{i}", stream=True, extra_body={"sim": {"tokens": 1000}}
-                )
-                async for _ in stream:
-                    pass
-            else:
-                await client.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": f"r{i}"}],
-                    extra_body={"sim": {"tokens": 1000}},
-                )  # fmt: skip
-            return "ok"
-        except openai.APIStatusError as exc:
-            return f"{exc.status_code} {exc.code}"
-
-    async def burst() -> list[str]:
-        async with (
-            AsyncOpenAI(base_url=a.url, api_key=key, max_retries=0, timeout=30) as ca,
-            AsyncOpenAI(base_url=b.url, api_key=key, max_retries=0, timeout=30) as cb,
-        ):
-            return await asyncio.gather(*(one(ca if i % 2 else cb, i) for i in range(200)))
-
-    outcomes = asyncio.run(burst())
+    outcomes = mixed_burst(a, b, key)
     served = outcomes.count("ok")
     refused = set(outcomes) - {"ok"}
     fell_back = {"429 rate_limit_exceeded"} if limiter_fell_back(a.root, b.root) else set()

@@ -18,11 +18,13 @@ from conftest import (
     _pg_admin,
     free_port,
     limiter_fell_back,
+    mixed_burst,
     shared_store_toml,
     start,
+    start_replicas,
     stop,
 )
-from openai import AsyncOpenAI, OpenAI
+from openai import OpenAI
 
 from bastion.money import cost_nanos, parse_usd
 
@@ -44,20 +46,7 @@ def replicas(tmp_path_factory, pg: str, sim_port: int) -> Iterator[tuple[Gateway
     tmp = tmp_path_factory.mktemp("scaleout")
     config = tmp / "bastion.toml"
     config.write_text(shared_store_toml(pg, sim_port))
-    env_extra = {"BASTION_ADMIN_TOKEN": "admin-secret"}
-    gateways = []
-    import os
-
-    for _ in range(2):
-        port = free_port()
-        proc = start(
-            ["serve", "--config", str(config), "--port", str(port)],
-            f"http://127.0.0.1:{port}/healthz",
-            env={**os.environ, **env_extra},
-        )
-        gateways.append(
-            Gateway(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{port}", config, pg, proc)
-        )
+    gateways = start_replicas(config, pg, env={"BASTION_ADMIN_TOKEN": "admin-secret"})
     yield gateways[0], gateways[1]
     for gw in gateways:
         stop(gw.proc)
@@ -69,31 +58,7 @@ def test_invariants_hold_under_200_concurrent_requests_over_both(replicas):
     b.wait_for_key(key)
     each = cost_nanos(0, 1000, parse_usd("1.00"), parse_usd("2.00"))  # $0.002: ≤ 50 fit
 
-    async def one(c: AsyncOpenAI, i: int) -> str:
-        try:
-            if i % 4 == 0:
-                stream = await c.responses.create(
-                    model="m", input=f"r{i}", stream=True, extra_body={"sim": {"tokens": 1000}}
-                )
-                async for _ in stream:
-                    pass
-            else:
-                await c.chat.completions.create(
-                    model="m", messages=[{"role": "user", "content": f"r{i}"}],
-                    extra_body={"sim": {"tokens": 1000}},
-                )
-            return "ok"
-        except openai.APIStatusError as exc:
-            return str(exc.status_code)
-
-    async def burst() -> list[str]:
-        async with (
-            AsyncOpenAI(base_url=a.url, api_key=key, max_retries=0, timeout=30) as ca,
-            AsyncOpenAI(base_url=b.url, api_key=key, max_retries=0, timeout=30) as cb,
-        ):
-            return await asyncio.gather(*(one(ca if i % 2 else cb, i) for i in range(200)))
-
-    outcomes = asyncio.run(burst())
+    outcomes = [o.split()[0] for o in mixed_burst(a, b, key)]  # statuses: "402"
     served = outcomes.count("ok")
     allowed = {"ok", "402"} | ({"429"} if limiter_fell_back(a.root, b.root) else set())
     assert set(outcomes) <= allowed, outcomes
