@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -96,6 +97,20 @@ def sqlite_path(url: str) -> str:
     return rest[1:]
 
 
+def _wal(conn: sqlite3.Connection) -> None:
+    """Switch to WAL. While another connection switches the same new file, SQLite answers
+    "database is locked" at once, without its busy handler: retry within the busy timeout."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SQLiteStore:
     """The Store protocol (bastion.store.Store) on one SQLite file."""
 
@@ -130,7 +145,7 @@ class SQLiteStore:
                     self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000
                 )
                 conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-                conn.execute("PRAGMA journal_mode = WAL")
+                _wal(conn)
                 conn.execute("PRAGMA synchronous = FULL")
                 conn.execute("PRAGMA foreign_keys = ON")
             except sqlite3.Error as exc:
